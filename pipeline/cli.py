@@ -1,0 +1,61 @@
+"""`python -m pipeline <command>`: one CLI for every stage.
+
+Each stage lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`. Heavy libraries (torch,
+transformers, vllm) are imported inside `main`, so `--help` and `validate` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "train": ("pipeline.train", "fine-tune a model from a recipe (TRL SFTTrainer + EDoRA)"),
+    "validate": ("pipeline.validate", "check a recipe without a GPU or a download and print it resolved"),
+    "merge": ("pipeline.merge", "merge an adapter into its base and write a plain Hugging Face checkpoint"),
+    "serve": ("pipeline.serve", "serve a merged checkpoint with vLLM's OpenAI-compatible server"),
+    "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH"),
+    "run": ("pipeline.run", "train, merge and evaluate one recipe end to end"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    import os
+
+    # Under torchrun/accelerate only rank 0 logs at INFO; other ranks log warnings and errors.
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = extra  # `--key=value` recipe overrides; each command validates its own
+    setup_logging(args.verbose)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,15 @@
+"""The MetaMath Alpaca prompt, shared by training data and evaluation so both see the same text."""
+
+METAMATH_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: Let's think step by step."
+)
+
+# MetaMath's eval scripts stop generation when the model starts a new turn.
+METAMATH_STOP = ["Instruction:", "Instruction", "Response:", "Response"]
+
+ANSWER_PREFIX = "The answer is: "
+
+
+def metamath_prompt(instruction: str) -> str:
+    return METAMATH_PROMPT.format(instruction=instruction)
