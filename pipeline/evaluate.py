@@ -1,10 +1,288 @@
-"""TODO(scaffold): replaced by the real implementation before landing."""
+"""`python -m pipeline eval`: GSM8K / MATH accuracy of a model (vLLM, an OpenAI-compatible server or transformers),
+or of saved completions (`--predictions`).
+
+Writes to --out: samples.jsonl (one graded sample per line, appended as it arrives; a rerun resumes), run.json (what
+the samples were made with; a rerun with other settings is refused), summary.json, report.md and accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
 from pipeline.cli import UserError
 
+logger = logging.getLogger(__name__)
 
-def add_arguments(parser):
-    pass
+BACKENDS = ("vllm", "openai", "hf")
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
-def main(args):
-    raise UserError("'evaluate' is not implemented yet")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model to evaluate: a merged checkpoint dir or a hub id (for --backend openai: "
+                                        "the served model name); not needed with --predictions")
+    parser.add_argument("--tasks", default="gsm8k,math", help="comma-separated tasks: gsm8k, math (default: both)")
+    parser.add_argument("--backend", choices=BACKENDS, default="vllm",
+                        help="vllm: offline vLLM (GPU); openai: a running OpenAI-compatible server such as "
+                             "`python -m pipeline serve`; hf: transformers generate (CPU or GPU, slow)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
+    parser.add_argument("--out", help="output dir (default: runs/<name>/eval for runs/<name>/merged, "
+                                      "else runs/eval/<model name>)")
+    parser.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
+                        help="a local JSONL file for a task instead of its hub dataset (repeatable), "
+                             "e.g. --data-file gsm8k=data/gsm8k_test.jsonl")
+    parser.add_argument("--predictions", metavar="FILE.jsonl",
+                        help="grade saved completions instead of generating: rows with 'completion' and 'id' or "
+                             "'question' (and 'task' when grading several tasks); a samples.jsonl works too")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
+                        help=f"--backend openai: the server's URL (default {DEFAULT_BASE_URL})")
+    parser.add_argument("--api-key", help="--backend openai: the server's API key (vllm serve --api-key)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs per model")
+    parser.add_argument("--batch-size", type=int,
+                        help="hf: prompts per generate call (default 8); openai: requests in flight (default 32); "
+                             "vllm: ignored (vLLM batches everything itself)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="override the tasks' max new tokens (gsm8k 1024, math 2048) for quick smoke runs; "
+                             "scores are then not comparable to published ones")
+
+
+def _parse_args(args) -> tuple[list, dict[str, str]]:
+    """Tasks and data files, every problem reported at once."""
+    from eval.tasks import TASKS
+
+    errors = []
+    if getattr(args, "overrides", None):
+        errors.append(f"unknown arguments {' '.join(args.overrides)}; see `python -m pipeline eval --help`")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for name in names:
+        if name not in TASKS:
+            errors.append(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+    if not names:
+        errors.append("--tasks is empty; choose from " + ", ".join(TASKS))
+    data_files = {}
+    for spec in args.data_file:
+        task, sep, path = spec.partition("=")
+        if not sep or not path:
+            errors.append(f"--data-file {spec!r}: expected TASK=PATH, e.g. gsm8k=data/test.jsonl")
+        elif task not in names:
+            errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {args.tasks}")
+        elif not Path(path).is_file():
+            errors.append(f"--data-file {spec!r}: file {path} does not exist")
+        else:
+            data_files[task] = path
+    if args.predictions:
+        if not Path(args.predictions).is_file():
+            errors.append(f"--predictions: file {args.predictions} does not exist")
+    elif not args.model:
+        errors.append("--model is required (a checkpoint dir or hub id), unless you grade saved completions with "
+                      "--predictions FILE.jsonl")
+    if args.limit is not None and args.limit <= 0:
+        errors.append(f"--limit {args.limit}: must be a positive number of samples")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        errors.append(f"--max-tokens {args.max_tokens}: must be positive")
+    if args.batch_size is not None and args.batch_size <= 0:
+        errors.append(f"--batch-size {args.batch_size}: must be positive")
+    if errors:
+        raise UserError("\n  ".join(["invalid eval arguments:"] + errors))
+    return [TASKS[n] for n in names], data_files
+
+
+def default_out(args) -> Path:
+    if args.predictions:
+        return Path("runs/eval") / (Path(args.predictions).stem + "-graded")
+    model = Path(args.model)
+    if model.is_dir() and model.name == "merged":  # runs/<name>/merged -> runs/<name>/eval
+        return model.parent / "eval"
+    return Path("runs/eval") / model.name.replace("/", "--")
+
+
+def _check_run_config(path: Path, run: dict) -> None:
+    """Refuse to mix samples made with another model, data or sampling into one samples.jsonl."""
+    if not path.exists():
+        path.write_text(json.dumps(run, indent=2) + "\n")
+        return
+    old = json.loads(path.read_text())
+    problems = []
+    if old["model"] != run["model"]:
+        problems.append(f"model was {old['model']!r}, now {run['model']!r}")
+    for name, cfg in run["tasks"].items():
+        prev = old["tasks"].get(name)
+        if prev is None:
+            continue
+        for key in ("data_sha256", "sampling", "prompt"):
+            if prev[key] != cfg[key]:
+                problems.append(f"{name} {key} was {prev[key]!r}, now {cfg[key]!r}")
+    if problems:
+        raise UserError(f"{path.parent} holds results made with other settings ({'; '.join(problems)}). "
+                        "Use another --out, or delete that dir to start over")
+    old["tasks"].update(run["tasks"])
+    path.write_text(json.dumps(old, indent=2) + "\n")
+
+
+def _graded_row(task, sample, completion: str, tokens: int | None, backend: str) -> dict:
+    return {"task": task.name, "id": sample.id, "question": sample.question, "gold": sample.gold,
+            "subject": sample.subject, "level": sample.level, "completion": completion, "generated_tokens": tokens,
+            "backend": backend, "scores": task.score(sample, completion)}
+
+
+def _read_predictions(path: Path, tasks: list, samples: dict[str, list]) -> dict[str, list[tuple[object, str]]]:
+    """Map each prediction row to (sample, completion) per task; rows naming unknown samples are errors."""
+    from eval.tasks import DataError, read_jsonl
+
+    by_id = {t.name: {s.id: s for s in samples[t.name]} for t in tasks}
+    by_question = {t.name: {s.question.strip(): s for s in samples[t.name]} for t in tasks}
+    out: dict[str, list] = {t.name: [] for t in tasks}
+    seen = set()
+    skipped = 0
+    try:
+        rows = read_jsonl(path)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(row.get("completion"), str):
+            raise UserError(f"{where}: no 'completion' string; each row needs 'completion' and 'id' or 'question'")
+        if "task" in row:
+            if row["task"] not in out:
+                skipped += 1  # e.g. a samples.jsonl with both tasks graded for one
+                continue
+            candidates = [row["task"]]
+        else:
+            candidates = list(out)
+        hits = []
+        for name in candidates:
+            if "id" in row:
+                hit = by_id[name].get(str(row["id"]))
+            elif isinstance(row.get("question"), str):
+                hit = by_question[name].get(row["question"].strip())
+            else:
+                raise UserError(f"{where}: no 'id' or 'question'; say which sample the completion answers")
+            if hit is not None:
+                hits.append((name, hit))
+        if not hits:
+            key = f"id {row['id']!r}" if "id" in row else f"question {row['question'][:60]!r}"
+            raise UserError(f"{where}: {key} matches no sample of {', '.join(candidates)}; check --tasks and "
+                            "--data-file (the predictions must be for the same data)")
+        if len(hits) > 1:
+            raise UserError(f"{where}: matches samples of several tasks ({', '.join(h[0] for h in hits)}); add a "
+                            "'task' field to each row")
+        name, sample = hits[0]
+        if (name, sample.id) in seen:
+            raise UserError(f"{where}: a second completion for {name} sample {sample.id!r}; keep one per sample")
+        seen.add((name, sample.id))
+        out[name].append((sample, row["completion"]))
+    if skipped:
+        logger.info("skipped %d prediction rows of tasks not in --tasks", skipped)
+    return out
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+
+    from eval import report
+    from eval.backends import BackendError, Sampling, make_backend
+    from eval.samples import SampleWriter, load_done
+    from eval.tasks import DataError, load_samples
+    from pipeline.prompts import METAMATH_PROMPT
+
+    started = time.time()
+    tasks, data_files = _parse_args(args)
+    out_dir = Path(args.out) if args.out else default_out(args)
+    if args.predictions and Path(args.predictions).resolve() == (out_dir / "samples.jsonl").resolve():
+        raise UserError(f"--out {out_dir} would append to the --predictions file itself; pass another --out")
+
+    # Data: the full task sets (predictions are matched against them), then --limit.
+    all_samples, data_info = {}, {}
+    for task in tasks:
+        try:
+            all_samples[task.name], data_info[task.name] = load_samples(task, data_files.get(task.name))
+        except DataError as e:
+            raise UserError(str(e)) from None
+        logger.info("%s: %d samples from %s", task.name, len(all_samples[task.name]), data_info[task.name]["source"])
+    samples = {n: s[:args.limit] if args.limit else s for n, s in all_samples.items()}
+    sampling = {t.name: Sampling(max_tokens=args.max_tokens or t.max_tokens, stop=tuple(t.stop)) for t in tasks}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_name = f"predictions:{Path(args.predictions).resolve()}" if args.predictions else args.model
+    run = {"model": model_name,
+           "tasks": {t.name: {"data": data_info[t.name]["source"], "data_sha256": data_info[t.name]["sha256"],
+                              "sampling": None if args.predictions else sampling[t.name].to_dict(),
+                              "prompt": METAMATH_PROMPT} for t in tasks}}
+    _check_run_config(out_dir / "run.json", run)
+    samples_path = out_dir / "samples.jsonl"
+    try:
+        done = load_done(samples_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    pending = {n: [s for s in ss if (n, s.id) not in done] for n, ss in samples.items()}
+    n_done = sum(len(samples[n]) - len(p) for n, p in pending.items())
+    if n_done:
+        logger.info("resuming: %d samples already in %s are kept", n_done, samples_path)
+
+    gen_tokens, gen_seconds = 0, 0.0
+    with SampleWriter(samples_path) as writer:
+        if args.predictions:
+            matched = _read_predictions(Path(args.predictions), tasks, all_samples)
+            wanted = {(n, s.id) for n, ss in pending.items() for s in ss}
+            for task in tasks:
+                todo = [(s, c) for s, c in matched[task.name] if (task.name, s.id) in wanted]
+                for sample, completion in tqdm(todo, desc=f"grading {task.name}", disable=len(todo) < 200):
+                    row = _graded_row(task, sample, completion, None, "predictions")
+                    writer.write(row)
+                    done[(task.name, sample.id)] = row
+        elif any(pending.values()):
+            try:
+                backend = make_backend(args.backend, args.model, batch_size=args.batch_size,
+                                       tensor_parallel_size=args.tensor_parallel_size, base_url=args.base_url,
+                                       api_key=args.api_key)
+            except BackendError as e:
+                raise UserError(str(e)) from None
+            for task in tasks:
+                todo = pending[task.name]
+                if not todo:
+                    continue
+                logger.info("%s: generating %d completions with %s (%s)", task.name, len(todo), args.backend,
+                            sampling[task.name].to_dict())
+                t0 = time.time()
+                results = backend.generate([task.prompt(s) for s in todo], sampling[task.name])
+                try:
+                    for i, completion, tokens in tqdm(results, total=len(todo), desc=f"{task.name} ({args.backend})"):
+                        row = _graded_row(task, todo[i], completion, tokens, args.backend)
+                        writer.write(row)
+                        done[(task.name, todo[i].id)] = row
+                        gen_tokens += tokens or 0
+                except BackendError as e:
+                    raise UserError(str(e)) from None
+                gen_seconds += time.time() - t0
+
+    # Summary over the selected samples that have a graded row (all of them, unless predictions were partial).
+    summary_tasks, missing = {}, {}
+    for task in tasks:
+        rows = [done[(task.name, s.id)] for s in samples[task.name] if (task.name, s.id) in done]
+        missing[task.name] = len(samples[task.name]) - len(rows)
+        if missing[task.name]:
+            logger.warning("%s: %d of %d samples have no completion; accuracies are over the %d graded",
+                           task.name, missing[task.name], len(samples[task.name]), len(rows))
+        if rows:
+            summary_tasks[task.name] = dict(report.task_summary(rows, task.metrics), missing=missing[task.name])
+    backends_used = sorted({done[k]["backend"] for k in done if k[0] in samples})
+    summary = {
+        "model": model_name, "backend": "+".join(backends_used) or args.backend,
+        "sampling": None if args.predictions else {n: s.to_dict() for n, s in sampling.items()},
+        "prompt": METAMATH_PROMPT, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
+        "wall_time_s": time.time() - started, "generation_time_s": gen_seconds, "generated_tokens": gen_tokens,
+        "generated_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else 0.0,
+        "resumed_samples": n_done, "command": " ".join(sys.argv),
+    }
+    report.write_summary(out_dir, summary)
+    plot = report.write_plot(out_dir, summary)
+    report.write_markdown(out_dir, summary, plot.name if plot else None)
+    for name, t in summary_tasks.items():
+        accs = ", ".join(f"{m} {100 * a:.2f}%" for m, a in t["accuracy"].items())
+        logger.info("%s (n=%d): %s; no answer: %d", name, t["n"], accs, t["invalid"])
+    logger.info("wrote %s (summary.json, report.md, samples.jsonl)", out_dir)
+    return 0

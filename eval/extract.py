@@ -1,0 +1,119 @@
+"""Pull answers out of completions: pure functions on strings, tested on raw text."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from pipeline.prompts import ANSWER_PREFIX
+
+# MetaMath's eval_gsm8k.py regex: one optional sign, one optional separator ('.', ',' or '/'). It reads "1,234"
+# and "12.50" but stops "1,234,567" after "1,234"; kept as is so the strict score matches MetaMath's.
+_METAMATH_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+# Flexible: thousands groups, decimals and a/b fractions, read in full.
+_NUMBER = re.compile(r"[\-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
+
+
+def after_answer_prefix(completion: str) -> str | None:
+    """The text after the last `The answer is: `, or None when the completion never says it."""
+    parts = completion.split(ANSWER_PREFIX)
+    return parts[-1] if len(parts) > 1 else None
+
+
+def metamath_number(completion: str) -> int | None:
+    """GSM8K strict answer, as MetaMath's `extract_answer_number`: the first number after the last
+    `The answer is: `, commas dropped, `a/b` evaluated, rounded to an integer (round half to even, as Python's
+    `round`); None when there is no prefix or no number. `a/0` gives the numerator, as MetaMath does."""
+    text = after_answer_prefix(completion)
+    if text is None:
+        return None
+    match = _METAMATH_NUMBER.search(text.strip())
+    if not match:
+        return None
+    s = match.group()
+    if "/" in s:
+        num, den = s.split("/")
+        if not (_is_float(num) and _is_float(den)):
+            return None
+        if den == "0":
+            return round(float(num.replace(",", "")))
+        frac = Fraction(s.replace(",", ""))
+        return round(float(frac.numerator / frac.denominator))
+    value = float(s.replace(",", ""))
+    return None if value == float("inf") else round(value)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def last_number(completion: str) -> float | None:
+    """GSM8K flexible answer: the last number anywhere in the completion (commas, decimals, `a/b`)."""
+    matches = _NUMBER.findall(completion)
+    if not matches:
+        return None
+    return parse_number(matches[-1])
+
+
+def parse_number(s: str) -> float | None:
+    s = s.replace(",", "").strip()
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return float(num) / float(den) if float(den) != 0 else None
+        return float(s)
+    except ValueError:
+        return None
+
+
+def gsm8k_gold(answer: str) -> int | float:
+    """The number after `####` in a GSM8K solution, commas removed (int when whole)."""
+    if "####" not in answer:
+        raise ValueError("no '####' in the answer")
+    value = float(answer.split("####")[-1].strip().replace(",", ""))
+    return int(value) if value.is_integer() else value
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched; None when absent or unclosed.
+    Also reads `\\boxed 5` (no braces), which MATH solutions use a few times."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:]
+    if rest.startswith("\\boxed "):
+        return rest[len("\\boxed "):].split("$")[0].strip()
+    open_at = rest.find("{")
+    if open_at < 0:
+        return None
+    depth = 0
+    for i in range(open_at, len(rest)):
+        if rest[i] == "{":
+            depth += 1
+        elif rest[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[open_at + 1:i]
+    return None
+
+
+def metamath_math_answer(completion: str) -> str | None:
+    """MATH answer after the last `The answer is: ` cut as MetaMath's eval_math.py does: up to the first '.\\n',
+    stripped, one trailing '.' removed."""
+    text = after_answer_prefix(completion)
+    if text is None:
+        return None
+    text = text.split(".\n")[0].strip()
+    if text.endswith("."):
+        text = text[:-1]
+    return text.strip()
+
+
+def math_prediction(completion: str) -> str | None:
+    """MATH answer: after `The answer is: ` (MetaMath-trained models) else the last `\\boxed{}`."""
+    answer = metamath_math_answer(completion)
+    return answer if answer is not None else last_boxed(completion)

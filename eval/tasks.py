@@ -1,0 +1,187 @@
+"""The tasks: data (hub or local JSONL) + prompt + extract + score. Each step is a plain function."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval import extract, grading
+from pipeline.prompts import METAMATH_STOP, metamath_prompt
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    gold: str | int | float
+    subject: str | None = None
+    level: int | None = None
+
+
+@dataclass
+class Task:
+    name: str
+    hub: tuple[str, str | None, str]  # (dataset id, config, split) for datasets.load_dataset
+    max_tokens: int
+    to_sample: Callable[[dict, int], Sample]  # (row, index) -> Sample; raises KeyError/ValueError on a bad row
+    score: Callable[[Sample, str], dict]  # (sample, completion) -> extracted answers and 0/1 scores
+    metrics: list[str]  # score keys averaged into accuracies; the first is the headline
+    formats: str  # the accepted row shapes, for error messages
+    stop: list[str] = field(default_factory=lambda: list(METAMATH_STOP))
+
+    def prompt(self, sample: Sample) -> str:
+        return metamath_prompt(sample.question)
+
+
+# --- GSM8K ---------------------------------------------------------------------------------------------------------
+
+def gsm8k_sample(row: dict, index: int) -> Sample:
+    question = _first(row, "question", "query")
+    answer = _first(row, "answer", "response")
+    return Sample(id=str(row.get("id", index)), question=question, gold=extract.gsm8k_gold(answer))
+
+
+def gsm8k_score(sample: Sample, completion: str) -> dict:
+    strict = extract.metamath_number(completion)
+    flexible = extract.last_number(completion)
+    return {
+        "pred_strict": strict,
+        "pred_flexible": flexible,
+        # MetaMath compares float(pred) == float(gold) after rounding pred to an integer.
+        "strict": int(strict is not None and float(strict) == float(sample.gold)),
+        "flexible": int(grading.numbers_equal(flexible, sample.gold)),
+        "invalid": int(strict is None),
+    }
+
+
+# --- MATH ----------------------------------------------------------------------------------------------------------
+
+def math_sample(row: dict, index: int) -> Sample:
+    question = _first(row, "problem", "instruction")
+    if "answer" in row and row["answer"] not in (None, ""):
+        gold = str(row["answer"])
+    else:
+        solution = _first(row, "solution", "output")
+        gold = extract.last_boxed(solution)
+        if gold is None:
+            raise ValueError("no 'answer' field and no \\boxed{} in the solution")
+    level = row.get("level")
+    if isinstance(level, str):  # Hendrycks: "Level 3" ("Level ?" for a few problems)
+        digits = level.removeprefix("Level").strip()
+        level = int(digits) if digits.isdigit() else None
+    subject = row.get("subject", row.get("type"))
+    sample_id = row.get("unique_id", row.get("id", index))
+    return Sample(id=str(sample_id), question=question, gold=gold, subject=subject, level=level)
+
+
+def math_score(sample: Sample, completion: str) -> dict:
+    pred = extract.math_prediction(completion)
+    return {
+        "pred": pred,
+        "strict": int(grading.strict_equal(pred, sample.gold)),
+        "math_verify": int(grading.math_verify_equal(pred, sample.gold)),
+        "invalid": int(pred is None),
+    }
+
+
+def _first(row: dict, *keys: str) -> str:
+    for key in keys:
+        if key in row and isinstance(row[key], str):
+            return row[key]
+    raise KeyError(" or ".join(repr(k) for k in keys))
+
+
+TASKS = {
+    "gsm8k": Task(name="gsm8k", hub=("openai/gsm8k", "main", "test"), max_tokens=1024, to_sample=gsm8k_sample,
+                  score=gsm8k_score, metrics=["strict", "flexible"],
+                  formats="'question' + 'answer' (GSM8K, gold after '####') or 'query' + 'response'"),
+    "math": Task(name="math", hub=("HuggingFaceH4/MATH-500", None, "test"), max_tokens=2048, to_sample=math_sample,
+                 score=math_score, metrics=["math_verify", "strict"],
+                 formats="'problem' + 'answer' (MATH-500), 'problem' + 'solution' (Hendrycks MATH) "
+                         "or 'instruction' + 'output' (MetaMath's MATH_test.jsonl)"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line; a malformed line is an error naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check the path")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((lineno, row))
+    if not rows:
+        raise DataError(f"data file {path} has no rows")
+    return rows
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample], dict]:
+    """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file or the hub."""
+    if data_file:
+        path = Path(data_file)
+        numbered = read_jsonl(path)
+        source = {"source": str(path), "sha256": sha256_file(path), "sha256_of": "file"}
+    else:
+        rows = _load_hub(task)
+        numbered = list(enumerate(rows, 1))
+        path = Path(task.hub[0])
+        digest = hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()).hexdigest()
+        source = {"source": f"hub:{task.hub[0]}" + (f"/{task.hub[1]}" if task.hub[1] else "") + f":{task.hub[2]}",
+                  "sha256": digest, "sha256_of": "rows as sorted-key JSON lines"}
+    samples = []
+    for index, (lineno, row) in enumerate(numbered):
+        try:
+            samples.append(task.to_sample(row, index))
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not a {task.name} row ({e}); {task.name} rows need "
+                            f"{task.formats}") from None
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: sample ids repeat; give each row a unique 'id' (or 'unique_id')")
+    return samples, source
+
+
+def _load_hub(task: Task) -> list[dict]:
+    name, config, split = task.hub
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
+    except Exception as e:  # network, auth, offline mode: all mean "use a local file"
+        raise DataError(f"could not load {name} ({split}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
+                        f"Check the network, or pass a local file: --data-file {task.name}=PATH.jsonl") from e
+    return [dict(r) for r in ds]

@@ -1,0 +1,239 @@
+"""Training data: MetaMathQA or GSM8K rows -> a prompt/completion dataset for TRL's SFTTrainer.
+
+Each row becomes `prompt` = the MetaMath Alpaca prompt (ending `### Response: Let's think step by step.`, the text
+evaluation uses) and `completion` = " " + the worked solution, whose last line is `The answer is: <answer>`.
+SFTTrainer appends EOS and computes the loss on the completion only. Rows with missing or empty fields are dropped,
+counted and reported with their line numbers; never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.cli import UserError
+from pipeline.prompts import ANSWER_PREFIX, metamath_prompt
+
+if TYPE_CHECKING:
+    from pipeline.recipe import DataConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer")}
+MAX_EXAMPLES = 5  # malformed rows named in logs and stats
+_SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
+_CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: 48/2 = <<48/2=24>>24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    start: str | None = None  # "100", "-5", "10%" or None
+    stop: str | None = None
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, stop) row indices of this slice in a split of n rows (Python slice semantics)."""
+
+        def index(bound: str | None, default: int) -> int:
+            if bound is None:
+                return default
+            value = round(n * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
+            return value + n if value < 0 else value
+
+        start, stop = index(self.start, 0), index(self.stop, n)
+        start, stop = min(max(start, 0), n), min(max(stop, 0), n)
+        return start, max(start, stop)
+
+
+def parse_split(split: str) -> Split:
+    """`train`, `train[:100000]`, `train[1000:]`, `test[-100:]`, `train[:10%]` -> Split; ValueError otherwise."""
+    match = _SPLIT.fullmatch(split.strip()) if isinstance(split, str) else None
+    if not match:
+        raise ValueError(f"{split!r} is not a split; write a name with an optional slice, e.g. 'train' or "
+                         f"'train[:100000]' or 'train[10%:20%]'")
+    for bound in (match["start"], match["stop"]):
+        if bound and bound.endswith("%") and not 0 <= int(bound[:-1]) <= 100:
+            raise ValueError(f"{split!r}: a percentage must be between 0% and 100%")
+    return Split(match["name"], match["start"], match["stop"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row mapping (pure functions on strings)
+
+
+def gsm8k_solution(answer: str) -> str:
+    """GSM8K's worked answer -> MetaMath style: calculator annotations removed, `#### N` -> `The answer is: N`."""
+    body, sep, final = answer.rpartition("####")
+    final = final.strip()
+    if not sep or not final:
+        raise ValueError("answer has no final '#### N' line")
+    body = _CALC.sub("", body).strip()
+    return f"{body}\n{ANSWER_PREFIX}{final}" if body else f"{ANSWER_PREFIX}{final}"
+
+
+def to_prompt_completion(query: str, response: str) -> dict:
+    # The prompt ends with "step by step." and the solution follows after one space, as the text reads at eval.
+    return {"prompt": metamath_prompt(query.strip()), "completion": " " + response.strip()}
+
+
+def map_row(row, fmt: str, query_field: str, response_field: str) -> dict:
+    """One raw row -> {prompt, completion}; ValueError naming what is wrong for a malformed row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object: {str(row)[:60]!r}")
+    for key in (query_field, response_field):
+        value = row[key] if key in row else None
+        if value is None:
+            raise ValueError(f"field '{key}' is missing")
+        if not isinstance(value, str):
+            raise ValueError(f"field '{key}' is not text: {str(value)[:40]!r}")
+        if not value.strip():
+            raise ValueError(f"field '{key}' is empty")
+    response = row[response_field]
+    if fmt == "gsm8k":
+        response = gsm8k_solution(response)
+    return to_prompt_completion(row[query_field], response)
+
+
+def detect_format(columns) -> str:
+    columns = set(columns)
+    for fmt, fields in FIELDS.items():
+        if set(fields) <= columns:
+            return fmt
+    raise UserError(f"cannot tell the data format from the fields {sorted(columns)}: MetaMathQA rows have "
+                    f"query/response, GSM8K rows question/answer; set data.format and data.query_field/response_field")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_rows(source: str, split: Split) -> tuple[list[tuple[str, object]], str]:
+    """Rows of one split slice as (where, row) pairs, `where` naming the line/row for reports."""
+    suffix = Path(source).suffix
+    if suffix in LOCAL_SUFFIXES:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"data file {source} not found")
+        if suffix == ".parquet":
+            from datasets import load_dataset
+
+            rows = [(f"row {i + 1}", r) for i, r in enumerate(load_dataset("parquet", data_files=str(path),
+                                                                           split="train").to_list())]
+        else:
+            rows = _read_json(path)
+        start, stop = split.bounds(len(rows))
+        return rows[start:stop], str(path)
+    from datasets import load_dataset  # hub id: downloads on first use
+
+    ds = load_dataset(source, split=split.name)
+    start, stop = split.bounds(len(ds))
+    ds = ds.select(range(start, stop))
+    return [(f"row {start + i + 1}", r) for i, r in enumerate(ds.to_list())], source
+
+
+def _read_json(path: Path) -> list[tuple[str, object]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return [(f"item {i + 1}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError:
+            rows.append((f"line {n}", f"<invalid JSON: {line[:40]}>"))  # reported as malformed by map_row
+    return rows
+
+
+def load_rows(source: str, split: str, fmt: str = "auto", query_field: str | None = None,
+              response_field: str | None = None):
+    """Read, slice and map one split -> (datasets.Dataset with prompt/completion, stats dict)."""
+    from datasets import Dataset
+
+    rows, where = _read_rows(source, parse_split(split))
+    if not rows:
+        raise UserError(f"{where} split {split!r} has no rows")
+    if fmt == "auto":
+        fmt = detect_format({k for _, r in rows[:100] if isinstance(r, dict) for k in r})
+    q_field, r_field = query_field or FIELDS[fmt][0], response_field or FIELDS[fmt][1]
+    mapped, malformed, types = [], [], Counter()
+    for loc, row in rows:
+        try:
+            mapped.append(map_row(row, fmt, q_field, r_field))
+        except ValueError as e:
+            malformed.append(f"{loc}: {e}")
+            continue
+        if "type" in row:
+            types[str(row["type"])] += 1
+    stats = {"source": where, "split": split, "format": fmt, "rows": len(rows), "kept": len(mapped),
+             "malformed": len(malformed), "malformed_examples": malformed[:MAX_EXAMPLES], "by_type": dict(types)}
+    if malformed:
+        logger.warning("%s %s: dropped %d of %d rows as malformed, e.g. %s", where, split, len(malformed), len(rows),
+                       "; ".join(malformed[:MAX_EXAMPLES]))
+    if not mapped:
+        raise UserError(f"{where} split {split!r}: all {len(rows)} rows are malformed, e.g. {malformed[0]}")
+    logger.info("%s %s: %d rows (%s)", where, split, len(mapped), fmt)
+    return Dataset.from_list(mapped), stats
+
+
+def load_sft_dataset(data_cfg: DataConfig, seed: int):
+    """(train_dataset, eval_dataset or None, stats) for a recipe's data section; stats = {"train": .., "eval": ..}."""
+    d = data_cfg
+    train, train_stats = load_rows(d.source, d.split, d.format, d.query_field, d.response_field)
+    eval_ds, eval_stats = None, None
+    if d.eval_source or d.eval_split:
+        eval_ds, eval_stats = load_rows(d.eval_source or d.source, d.eval_split or "train", d.format,
+                                        d.query_field, d.response_field)
+    elif d.eval_size > 0:
+        if d.eval_size >= len(train):
+            raise UserError(f"data.eval_size {d.eval_size} leaves no training rows (the split has {len(train)})")
+        held = set(random.Random(seed).sample(range(len(train)), d.eval_size))
+        eval_ds = train.select(sorted(held))
+        train = train.select([i for i in range(len(train)) if i not in held])  # keeps the file order
+        eval_stats = {"source": train_stats["source"], "split": f"{d.eval_size} rows held out of {d.split}",
+                      "rows": d.eval_size, "kept": d.eval_size, "malformed": 0}
+        train_stats["held_out_for_eval"] = d.eval_size
+    return train, eval_ds, {"train": train_stats, "eval": eval_stats}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Truncation
+
+
+def truncation_report(dataset, tokenizer, max_length: int, batch_size: int = 1000) -> dict:
+    """How many prompt+completion(+EOS) rows exceed max_length tokens (SFTTrainer cuts them at the end), and how
+    many lose their whole completion (the prompt alone fills max_length: no loss tokens)."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    lengths, prompt_full, first = [], 0, []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset[start:start + batch_size]
+        texts = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
+        ids = tokenizer(texts)["input_ids"]
+        prompt_ids = tokenizer(batch["prompt"])["input_ids"]
+        for i, (full, prompt, text) in enumerate(zip(ids, prompt_ids, texts)):
+            n = len(full) + (1 if eos and not text.endswith(eos) else 0)
+            lengths.append(n)
+            if n > max_length and len(first) < MAX_EXAMPLES:
+                first.append(start + i)
+            prompt_full += len(prompt) >= max_length
+    truncated = sum(n > max_length for n in lengths)
+    rows = len(lengths)
+    return {"rows": rows, "max_length": max_length, "truncated": truncated,
+            "truncated_fraction": truncated / rows if rows else 0.0, "prompt_too_long": prompt_full,
+            "max_tokens": max(lengths, default=0), "mean_tokens": sum(lengths) / rows if rows else 0.0,
+            "first_truncated": first}

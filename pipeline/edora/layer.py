@@ -1,0 +1,340 @@
+"""The EDoRA layer: wraps a Linear (or a bitsandbytes 4-bit Linear) and adds R and m.
+
+Forward, per adapted layer, with s = lora_alpha / r:
+
+    y = (m / n) ⊙ (x W0ᵀ + s·(x Aᵀ)(B R)ᵀ) + bias,   n_i = ||(W0 + s·B R A)[i, :]||  (detached, DoRA §4.3)
+
+computed as `addmm(base_out · (m/n), x Aᵀ, (s·(m/n) ⊙ B R)ᵀ)`: the base layer's output is reused (no second base
+matmul unless dropout is active) and `W0 + s·B R A` is never built. The row norm comes from terms precomputed once
+from W0 (P = W0 Aᵀ, G = A Aᵀ, w_i² = ||W0[i, :]||²):
+
+    n_i² = w_i² + 2s·Σ_j P_ij (BR)_ij + s²·Σ_j ((BR) G)_ij (BR)_ij
+
+so a step costs O(out·r²) extra and never dequantizes a 4-bit weight or gathers a ZeRO-3-partitioned one.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+
+from .config import EdoraConfig
+from .svd import truncated_svd
+
+
+def _no_autocast(device: torch.device):
+    # The norm terms and B R are tiny; computing them in fp32 keeps n exact even under bf16 autocast.
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
+def _unpack_bnb_cpu_weight(base: nn.Module) -> None:
+    # On AVX512-BF16 CPUs bnb 0.50 repacks 4-bit weights for its own kernel at the first eval forward; the packed
+    # layout cannot be dequantized and bnb's inverse is lossy. EDoRA needs W0 again (merge, load checks), so adapted
+    # layers opt out of the repacking; a layer already repacked is restored with bnb's inverse, with a warning.
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+    state = getattr(base.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        warnings.warn("this 4-bit layer was repacked by bitsandbytes' CPU kernel before EDoRA wrapped it; its "
+                      "dequantized weight is approximate. Add the adapter before running the model on CPU.")
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+
+
+def factored_row_norm(w2: torch.Tensor, p: torch.Tensor, g: torch.Tensor, br: torch.Tensor, s: float) -> torch.Tensor:
+    """||(W0 + s·B R A)[i, :]|| from w2 = ||W0_i||², P = W0 Aᵀ, G = A Aᵀ and BR = B R, all fp32."""
+    n2 = w2 + 2.0 * s * (p * br).sum(dim=1) + (s * s) * ((br @ g) * br).sum(dim=1)
+    # Rounding can push n2 a hair below 0 only for all-zero rows; clamp so sqrt stays finite.
+    return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+
+
+class EdoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("edora_R", "edora_magnitude")
+    other_param_names = ("edora_A", "edora_B", "edora_row_norm2", "edora_P", "edora_G", "edora_dropout",
+                         "r", "scaling", "use_magnitude", "fingerprint_rtol")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_magnitude: dict[str, bool] = {}
+        self.fingerprint_rtol: dict[str, float] = {}
+        self.edora_dropout = nn.ModuleDict({})
+        self.edora_R = nn.ParameterDict({})
+        self.edora_magnitude = nn.ParameterDict({})
+        # Saved with the adapter: reload never re-runs the SVD; row norms double as the base's fingerprint.
+        self.edora_A = BufferDict({}, persistent=True)
+        self.edora_B = BufferDict({}, persistent=True)
+        self.edora_row_norm2 = BufferDict({}, persistent=True)
+        # Derived from W0 and A; recomputed after every load instead of stored.
+        self.edora_P = BufferDict({}, persistent=False)
+        self.edora_G = BufferDict({}, persistent=False)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._refresh_on_load: set[str] = set()
+        self._merge_norms: dict[str, torch.Tensor] = {}  # n used by merge(), needed to unmerge exactly
+        base = self.get_base_layer()
+        _unpack_bnb_cpu_weight(base)
+        if isinstance(base, nn.Linear) or self.quantization_backend is not None:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            raise TypeError(f"EDoRA adapts nn.Linear layers (optionally bitsandbytes-quantized), not {type(base)}")
+        self.kwargs = kwargs
+
+    # ---- creation ---------------------------------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, config: EdoraConfig, layer_seed: int = 0,
+                     inference_mode: bool = False) -> None:
+        r = config.r
+        if not 1 <= r <= min(self.in_features, self.out_features):
+            raise ValueError(
+                f"EDoRA rank r={r} must be between 1 and min(in, out) = {min(self.in_features, self.out_features)} "
+                f"for a layer of shape [{self.out_features}, {self.in_features}]; lower r or exclude this module"
+            )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.scaling
+        self.use_magnitude[adapter_name] = config.use_magnitude
+        self.fingerprint_rtol[adapter_name] = config.fingerprint_rtol
+        self.edora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        dtype = getattr(torch, config.adapter_dtype)
+        device = self._base_device()
+        if device.type == "meta" or not config.init_weights:
+            # Loading a saved adapter: allocate; A, B, m, R and the row norms come from the file, and the derived
+            # terms are computed by the load hook. Nothing touches W0 here, so creation is instant.
+            self._set_tensors(adapter_name, device, dtype,
+                              a=torch.zeros(r, self.in_features), b=torch.zeros(self.out_features, r),
+                              w2=torch.ones(self.out_features), p=torch.zeros(self.out_features, r),
+                              r_init=torch.zeros(r, r), m=torch.ones(self.out_features))
+        else:
+            self._init_from_base(adapter_name, config, layer_seed, dtype)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _base_device(self) -> torch.device:
+        w = self.get_base_layer().weight
+        return w.device
+
+    def _base_weight_fp32(self) -> torch.Tensor:
+        """W0 as a fresh fp32 tensor: dequantized for 4-bit layers, gathered under ZeRO-3."""
+        base = self.get_base_layer()
+        _unpack_bnb_cpu_weight(base)
+        with gather_params_ctx(base.weight, modifier_rank=None):
+            if self.quantization_backend is not None:
+                w = self.quantization_backend.get_base_weight(base)
+            else:
+                w = base.weight
+            w = w.detach().to(torch.float32).clone()
+        if w.shape != (self.out_features, self.in_features):
+            raise RuntimeError(f"base weight has shape {tuple(w.shape)}, expected "
+                               f"{(self.out_features, self.in_features)}")
+        return w
+
+    def _init_from_base(self, adapter_name: str, config: EdoraConfig, layer_seed: int, dtype: torch.dtype) -> None:
+        w0 = self._base_weight_fp32()
+        if not torch.isfinite(w0).all():
+            raise ValueError(f"the base weight of this layer [{self.out_features}, {self.in_features}] has NaN/Inf "
+                             "values; EDoRA cannot factorise it (check the checkpoint or its dtype)")
+        r = config.r
+        w2 = (w0 * w0).sum(dim=1)
+        target = w0
+        if config.svd_target == "direction":
+            target = w0 / w2.sqrt().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        u, s, vh = truncated_svd(target, r, config.svd_method, config.svd_niter, config.svd_oversample,
+                                 seed=layer_seed)
+        if not (torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()):
+            raise ValueError("the SVD of this layer's weight returned NaN/Inf; try svd_method='exact'")
+        b = u                      # [out, r]
+        a = s[:, None] * vh        # [r, in]: Σ folded into A (LoRA-XS convention, the authors' code)
+        gen = torch.Generator(device="cpu").manual_seed(layer_seed)
+        r_init = torch.randn(r, r, generator=gen) * config.init_sigma
+        p = w0 @ a.T
+        self._set_tensors(adapter_name, w0.device, dtype, a=a, b=b, w2=w2, p=p, r_init=r_init, m=w2.sqrt())
+
+    def _set_tensors(self, name, device, dtype, *, a, b, w2, p, r_init, m) -> None:
+        def put(t):
+            return t.to(device=device, dtype=dtype)
+
+        self.edora_A[name] = put(a)
+        self.edora_B[name] = put(b)
+        self.edora_row_norm2[name] = w2.to(device=device, dtype=torch.float32)
+        self.edora_P[name] = p.to(device=device, dtype=torch.float32)
+        a32 = a.to(device=device, dtype=torch.float32)
+        self.edora_G[name] = a32 @ a32.T
+        self.edora_R[name] = nn.Parameter(put(r_init))
+        if self.use_magnitude[name]:
+            self.edora_magnitude[name] = nn.Parameter(put(m))
+
+    # ---- loading: recompute derived terms and check the base ----------------------------------------------------
+
+    def _edora_load_pre_hook(self, state_dict, prefix, *args):
+        for name in self.edora_A:
+            incoming = state_dict.get(f"{prefix}edora_A.{name}")
+            # a shape mismatch is reported by load_state_dict itself; nothing to refresh then
+            if incoming is not None and incoming.shape == self.edora_A[name].shape:
+                self._refresh_on_load.add(name)
+            else:
+                self._refresh_on_load.discard(name)
+
+    def _edora_load_post_hook(self, module, incompatible_keys):
+        if not self._refresh_on_load:
+            return
+        names, self._refresh_on_load = sorted(self._refresh_on_load), set()
+        w0 = self._base_weight_fp32()
+        w2_base = (w0 * w0).sum(dim=1)
+        for name in names:
+            saved = self.edora_row_norm2[name].to(w2_base.device, torch.float32)
+            rel = ((w2_base.sqrt() - saved.sqrt()).abs() / saved.sqrt().clamp_min(1e-12)).median().item()
+            if not rel <= self.fingerprint_rtol[name]:
+                raise ValueError(
+                    f"EDoRA adapter '{name}' was made on a different base model: the row norms of this "
+                    f"[{self.out_features}, {self.in_features}] weight differ from the saved ones by {rel:.2%} "
+                    f"(median, tolerance {self.fingerprint_rtol[name]:.2%}). Load the base model the adapter was "
+                    "trained on (see base_model_name_or_path in adapter_config.json)."
+                )
+            a32 = self.edora_A[name].to(w0.device, torch.float32)
+            dev = self.edora_A[name].device
+            self.edora_row_norm2[name] = w2_base.to(dev)
+            self.edora_P[name] = (w0 @ a32.T).to(dev)
+            self.edora_G[name] = (a32 @ a32.T).to(dev)
+
+    # ---- math -----------------------------------------------------------------------------------------------------
+
+    def row_norm(self, name: str) -> torch.Tensor:
+        """n = ||W0 + s·B R A||_row (fp32, not detached) from the factored terms."""
+        br = self.edora_B[name].float() @ self.edora_R[name].float()
+        return factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br,
+                                 self.scaling[name])
+
+    @torch.no_grad()
+    def merged_weight(self, name: str, w0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', n): the adapted weight in fp32 and the row norm used (ones for LoRA-XS). n is computed directly
+        from `w0` (default: this layer's base weight, dequantized), as the merge formula says."""
+        w0 = self._base_weight_fp32() if w0 is None else w0.to(torch.float32)
+        dev = w0.device
+        b = self.edora_B[name].to(dev, torch.float32)
+        r = self.edora_R[name].to(dev, torch.float32)
+        a = self.edora_A[name].to(dev, torch.float32)
+        w = w0 + self.scaling[name] * ((b @ r) @ a)
+        if not self.use_magnitude[name]:
+            return w, torch.ones(w.shape[0], device=dev)
+        n = w.norm(dim=1)
+        m = self.edora_magnitude[name].to(dev, torch.float32)
+        return w * (m / n)[:, None], n
+
+    def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+        cdt = base_out.dtype
+        dropout = self.edora_dropout[name]
+        x_in = dropout(x)
+        xa = F.linear(x_in.to(cdt), self.edora_A[name].to(cdt))  # [..., r]
+        s = self.scaling[name]
+        with _no_autocast(base_out.device):
+            br = self.edora_B[name].float() @ self.edora_R[name].float()  # [out, r]
+            if not self.use_magnitude[name]:
+                m_br = (s * br).to(cdt)
+            else:
+                n = factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br, s)
+                scale = self.edora_magnitude[name].float() / n.detach()
+                m_br = (br * (s * scale)[:, None]).to(cdt)
+                scale = scale.to(cdt)
+        shape = base_out.shape
+        flat_xa = xa.reshape(-1, xa.shape[-1])
+        if not self.use_magnitude[name]:
+            return torch.addmm(base_out.reshape(-1, shape[-1]), flat_xa, m_br.T).view(shape)
+        bias = self.get_base_layer().bias
+        reuse_base = isinstance(dropout, nn.Identity) or not self.training
+        if reuse_base:
+            # x W0ᵀ = base_out - bias, so scale·(x W0ᵀ) + bias = scale·base_out + (1 - scale)·bias
+            out = torch.addmm(base_out.reshape(-1, shape[-1]) * scale, flat_xa, m_br.T).view(shape)
+            if bias is not None:
+                out = out + (1 - scale) * bias.to(cdt)
+            return out
+        # Dropout on the adapter path: the decomposed part sees dropout(x), as PEFT's DoRA does.
+        base_drop = self.get_base_layer()(x_in)
+        if bias is not None:
+            base_drop = base_drop - bias.to(cdt)
+        out = base_out + (scale - 1) * base_drop
+        return torch.addmm(out.reshape(-1, shape[-1]), flat_xa, m_br.T).view(shape)
+
+
+class Linear(nn.Module, EdoraLayer):
+    """EDoRA on a dense (or bitsandbytes-quantized) linear layer."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: EdoraConfig, layer_seed: int = 0,
+                 **kwargs) -> None:
+        super().__init__()
+        EdoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_seed=layer_seed)
+        self._register_load_state_dict_pre_hook(self._edora_load_pre_hook)
+        self.register_load_state_dict_post_hook(self._edora_load_post_hook)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.edora_R:
+                continue
+            base = self.get_base_layer()
+            w_new, n = self.merged_weight(name)
+            if safe_merge and not torch.isfinite(w_new).all():
+                raise ValueError(f"merging EDoRA adapter '{name}' gives NaN/Inf weights; the adapter is broken")
+            self._merge_norms[name] = n
+            if self.quantization_backend is not None:
+                self.set_base_weight(w_new)
+            else:
+                base.weight.data = w_new.to(base.weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.edora_R:
+                continue
+            n = self._merge_norms.pop(name)
+            w = self._base_weight_fp32()
+            dev = w.device
+            if self.use_magnitude[name]:
+                w = w * (n.to(dev) / self.edora_magnitude[name].detach().to(dev, torch.float32))[:, None]
+            b = self.edora_B[name].to(dev, torch.float32)
+            w = w - self.scaling[name] * ((b @ self.edora_R[name].detach().to(dev, torch.float32))
+                                          @ self.edora_A[name].to(dev, torch.float32))
+            if self.quantization_backend is not None:
+                self.set_base_weight(w)
+            else:
+                self.get_base_layer().weight.data = w.to(self.get_base_layer().weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name in self.edora_R:
+                result = self._edora_output(x, result, name)
+        return result
+
+    def __repr__(self) -> str:
+        return "edora." + super().__repr__()
+
+
+def layer_seed(config_seed: Optional[int], key: str) -> int:
+    """A per-layer seed that is the same on every rank and every run with the same config."""
+    base = 0 if config_seed is None else int(config_seed)
+    return (base * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)

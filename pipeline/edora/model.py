@@ -1,0 +1,68 @@
+"""EdoraModel: PEFT's BaseTuner for EDoRA (finds target Linears, wraps them, marks R and m trainable)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import EdoraConfig
+from .layer import EdoraLayer, Linear, layer_seed
+
+logger = logging.getLogger(__name__)
+
+
+class EdoraModel(BaseTuner):
+    """Adds EDoRA adapters to a transformers model. Use through `peft.get_peft_model(model, EdoraConfig(...))`."""
+
+    prefix: str = "edora_"
+    tuner_layer_cls = EdoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: EdoraConfig, adapter_name: str) -> None:
+        n_targets = sum(1 for key, _ in model.named_modules() if self._check_target_module_exists(config, key))
+        self._progress = tqdm(total=n_targets or None, desc="EDoRA init (SVD)" if config.init_weights else
+                              "EDoRA adapter layers", unit="layer", disable=n_targets < 8, leave=False)
+        self._init_started = time.perf_counter()
+
+    def _post_injection_hook(self, model: nn.Module, config: EdoraConfig, adapter_name: str) -> None:
+        self._progress.close()
+        if config.init_weights:
+            logger.info("EDoRA: %d layers initialised (%s SVD, r=%d) in %.1f s", len(self.targeted_module_names),
+                        config.svd_method, config.r, time.perf_counter() - self._init_started)
+
+    def _create_and_replace(self, config: EdoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        seed = layer_seed(config.seed if config.seed is not None else torch.initial_seed() % (2**31), current_key)
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, config, layer_seed=seed)
+        else:
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            backend = resolve_quantization_backend(base)
+            if not (isinstance(base, nn.Linear) or (backend is not None and backend.layer_type == "linear")):
+                raise TypeError(
+                    f"EDoRA can adapt linear layers only; '{current_key}' is a {type(base).__name__}. "
+                    "Remove it from target_modules."
+                )
+            new_module = Linear(target, adapter_name, config, layer_seed=seed)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        self._progress.update(1)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as e:
+            if "not found in the base model" not in str(e):
+                raise
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                             if isinstance(m, nn.Linear) or resolve_quantization_backend(m) is not None})
+            raise ValueError(f"{e} Linear modules this model has: {linear}") from e

@@ -1,0 +1,147 @@
+"""The OpenAI-compatible backend against a tiny fake server on 127.0.0.1, and resuming an interrupted run."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from eval.backends import BackendError, OpenAIBackend, Sampling
+from pipeline.cli import main as cli_main
+from tests.test_eval_cli import GSM8K_ROWS, write_jsonl
+
+ANSWERS = {r["question"]: r["answer"].split("####")[1].strip().replace(",", "") for r in GSM8K_ROWS}
+
+
+class FakeServer:
+    """Serves /v1/models and /v1/completions; answers each GSM8K question with its gold (first `fail_first`
+    completion requests get HTTP 500). Records the request bodies."""
+
+    def __init__(self, fail_first: int = 0, model: str = "fake-model"):
+        self.fail_first, self.model, self.requests = fail_first, model, []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append(body)
+                    fail = len(fake.requests) <= fake.fail_first
+                if fail:
+                    self._send(500, {"error": "boom"})
+                    return
+                question = body["prompt"].split("### Instruction:\n")[1].split("\n\n### Response")[0]
+                text = f" Step by step.\nThe answer is: {ANSWERS.get(question, 0)}"
+                self._send(200, {"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                                 "usage": {"completion_tokens": 9}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+SAMPLING = Sampling(max_tokens=32, stop=("Instruction", "Response"))
+
+
+def test_completions_sent_with_shared_settings():
+    with FakeServer() as server:
+        backend = OpenAIBackend(server.url, model="fake-model", concurrency=4, timeout_s=10)
+        prompts = [f"### Instruction:\n{r['question']}\n\n### Response: Let's think step by step."
+                   for r in GSM8K_ROWS]
+        results = sorted(backend.generate(prompts, SAMPLING))
+    assert [i for i, _, _ in results] == [0, 1, 2, 3]
+    assert results[1][1].endswith("The answer is: 1234") and results[1][2] == 9
+    body = server.requests[0]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (0.0, 1.0, 32,
+                                                                                      ["Instruction", "Response"])
+
+
+def test_retries_a_500_then_succeeds():
+    with FakeServer(fail_first=2) as server:
+        backend = OpenAIBackend(server.url, concurrency=1, backoff_s=0.01, timeout_s=10)
+        assert backend.model == "fake-model"  # the one served model is picked when --model is not given
+        (_, text, _), = backend.generate(["### Instruction:\nHalf of 10?\n\n### Response:"], SAMPLING)
+    assert text.endswith("The answer is: 5") and len(server.requests) == 3
+
+
+def test_gives_up_after_retries_with_a_clear_error():
+    with FakeServer(fail_first=100) as server:
+        backend = OpenAIBackend(server.url, retries=2, backoff_s=0.01, timeout_s=10)
+        with pytest.raises(BackendError, match="failed 3 times; last: HTTP 500"):
+            list(backend.generate(["### Instruction:\nx\n\n### Response:"], SAMPLING))
+    assert len(server.requests) == 3
+
+
+def test_dead_server_is_a_clear_cli_error(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
+    url = dead_url()
+    code = cli_main(["eval", "--model", "m", "--backend", "openai", "--base-url", url, "--tasks", "gsm8k",
+                     "--data-file", f"gsm8k={data}", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot reach the server at {url}/models" in err and "pipeline serve" in err
+
+
+def test_openai_backend_end_to_end_and_resume(tmp_path):
+    """Two samples already done plus a torn last line (a killed run): only the other two are generated."""
+    data = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
+    out = tmp_path / "o"
+    with FakeServer() as server:
+        args = ["eval", "--model", "fake-model", "--backend", "openai", "--base-url", server.url, "--tasks",
+                "gsm8k", "--data-file", f"gsm8k={data}", "--out", str(out)]
+        assert cli_main(args + ["--limit", "2"]) == 0
+        assert len(server.requests) == 2
+        with (out / "samples.jsonl").open("a") as f:
+            f.write('{"task": "gsm8k", "id": "2", "completion": "The ans')  # killed mid-write
+        assert cli_main(args) == 0
+        assert len(server.requests) == 4  # ids 2 and 3 only
+        assert cli_main(args) == 0
+        assert len(server.requests) == 4  # all done: nothing regenerated
+    rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["gsm8k"]["accuracy"] == {"strict": 1.0, "flexible": 1.0}
+    assert summary["backend"] == "openai" and summary["resumed_samples"] == 4
+    assert summary["sampling"]["gsm8k"]["max_tokens"] == 1024
+
+
+def test_changed_sampling_is_not_mixed_into_a_run(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
+    with FakeServer() as server:
+        args = ["eval", "--model", "fake-model", "--backend", "openai", "--base-url", server.url, "--tasks",
+                "gsm8k", "--data-file", f"gsm8k={data}", "--out", str(tmp_path / "o"), "--limit", "1"]
+        assert cli_main(args) == 0
+        assert cli_main(args + ["--max-tokens", "16"]) == 2
+    assert "gsm8k sampling was" in capsys.readouterr().err
