@@ -194,5 +194,8 @@ def make_backend(name: str, model: str | None, *, batch_size: int | None, tensor
     if name == "openai":
         return OpenAIBackend(base_url, model=model, api_key=api_key, concurrency=batch_size or 32)
     if name == "hf":
-        return HFBackend(model, batch_size=batch_size or 8)
+        try:
+            return HFBackend(model, batch_size=batch_size or 8)
+        except OSError as e:  # transformers' "not a local folder and not a valid model identifier" and the like
+            raise BackendError(f"could not load --model {model!r} with transformers: {e}") from e
     raise BackendError(f"unknown backend {name!r}; use vllm, openai or hf")

@@ -100,9 +100,9 @@ def default_out(args) -> Path:
     return Path("runs/eval") / model.name.replace("/", "--")
 
 
-def _check_run_config(path: Path, run: dict) -> None:
+def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
     """Refuse to mix samples made with another model, data or sampling into one samples.jsonl."""
-    if not path.exists():
+    if not path.exists() or not has_results:
         path.write_text(json.dumps(run, indent=2) + "\n")
         return
     old = json.loads(path.read_text())
@@ -212,12 +212,12 @@ def main(args) -> int:
            "tasks": {t.name: {"data": data_info[t.name]["source"], "data_sha256": data_info[t.name]["sha256"],
                               "sampling": None if args.predictions else sampling[t.name].to_dict(),
                               "prompt": METAMATH_PROMPT} for t in tasks}}
-    _check_run_config(out_dir / "run.json", run)
     samples_path = out_dir / "samples.jsonl"
     try:
         done = load_done(samples_path)
     except ValueError as e:
         raise UserError(str(e)) from None
+    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
     pending = {n: [s for s in ss if (n, s.id) not in done] for n, ss in samples.items()}
     n_done = sum(len(samples[n]) - len(p) for n, p in pending.items())
     if n_done:

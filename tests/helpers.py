@@ -15,3 +15,25 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2, vocab: int =
     model = LlamaForCausalLM(cfg).to(dtype)
     model.eval()
     return model
+
+
+def tiny_tokenizer(save_dir=None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in a fraction of a second on a few math sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+        "### Instruction: ### Response: Let's think step by step. The answer is: 42",
+        "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether. 0123456789 +-*/=$%.,",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if save_dir is not None:
+        fast.save_pretrained(save_dir)
+    return fast

@@ -141,3 +141,14 @@ def test_help_is_instant_and_lists_options():
     assert proc.returncode == 0
     for option in ("--predictions", "--data-file", "--backend", "--base-url", "--tensor-parallel-size"):
         assert option in proc.stdout
+
+
+def test_missing_vllm_or_model_is_a_clear_error(gsm8k_file, tmp_path, capsys):
+    base = ["eval", "--tasks", "gsm8k", "--data-file", f"gsm8k={gsm8k_file}", "--out", str(tmp_path / "o")]
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert cli_main(base + ["--model", "some/model", "--backend", "vllm"]) == 2
+        assert "vLLM is not installed" in capsys.readouterr().err
+    assert cli_main(base + ["--model", str(tmp_path / "no-such-model"), "--backend", "hf"]) == 2
+    assert "could not load --model" in capsys.readouterr().err

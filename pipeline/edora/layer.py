@@ -61,6 +61,19 @@ def factored_row_norm(w2: torch.Tensor, p: torch.Tensor, g: torch.Tensor, br: to
     return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
 
 
+@torch.no_grad()
+def merged_weight_from_factors(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor,
+                               m: Optional[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', n) in fp32: W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1)."""
+    w0 = w0.to(torch.float32)
+    dev = w0.device
+    w = w0 + s * ((b.to(dev, torch.float32) @ r.to(dev, torch.float32)) @ a.to(dev, torch.float32))
+    if m is None:
+        return w, torch.ones(w.shape[0], device=dev)
+    n = w.norm(dim=1)
+    return w * (m.to(dev, torch.float32) / n)[:, None], n
+
+
 class EdoraLayer(BaseTunerLayer):
     adapter_layer_names = ("edora_R", "edora_magnitude")
     other_param_names = ("edora_A", "edora_B", "edora_row_norm2", "edora_P", "edora_G", "edora_dropout",
@@ -222,17 +235,10 @@ class EdoraLayer(BaseTunerLayer):
     def merged_weight(self, name: str, w0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', n): the adapted weight in fp32 and the row norm used (ones for LoRA-XS). n is computed directly
         from `w0` (default: this layer's base weight, dequantized), as the merge formula says."""
-        w0 = self._base_weight_fp32() if w0 is None else w0.to(torch.float32)
-        dev = w0.device
-        b = self.edora_B[name].to(dev, torch.float32)
-        r = self.edora_R[name].to(dev, torch.float32)
-        a = self.edora_A[name].to(dev, torch.float32)
-        w = w0 + self.scaling[name] * ((b @ r) @ a)
-        if not self.use_magnitude[name]:
-            return w, torch.ones(w.shape[0], device=dev)
-        n = w.norm(dim=1)
-        m = self.edora_magnitude[name].to(dev, torch.float32)
-        return w * (m / n)[:, None], n
+        w0 = self._base_weight_fp32() if w0 is None else w0
+        m = self.edora_magnitude[name] if self.use_magnitude[name] else None
+        return merged_weight_from_factors(w0, self.edora_A[name], self.edora_B[name], self.edora_R[name], m,
+                                          self.scaling[name])
 
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
         cdt = base_out.dtype
