@@ -260,18 +260,18 @@ def main(args) -> int:
                 gen_seconds += time.time() - t0
 
     # Summary over the selected samples that have a graded row (all of them, unless predictions were partial).
-    summary_tasks, missing = {}, {}
+    summary_tasks, missing, backends_used = {}, {}, set()
     for task in tasks:
         rows = [done[(task.name, s.id)] for s in samples[task.name] if (task.name, s.id) in done]
+        backends_used.update(r["backend"] for r in rows)
         missing[task.name] = len(samples[task.name]) - len(rows)
         if missing[task.name]:
             logger.warning("%s: %d of %d samples have no completion; accuracies are over the %d graded",
                            task.name, missing[task.name], len(samples[task.name]), len(rows))
         if rows:
             summary_tasks[task.name] = dict(report.task_summary(rows, task.metrics), missing=missing[task.name])
-    backends_used = sorted({done[k]["backend"] for k in done if k[0] in samples})
     summary = {
-        "model": model_name, "backend": "+".join(backends_used) or args.backend,
+        "model": model_name, "backend": "+".join(sorted(backends_used)) or args.backend,
         "sampling": None if args.predictions else {n: s.to_dict() for n, s in sampling.items()},
         "prompt": METAMATH_PROMPT, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
         "wall_time_s": time.time() - started, "generation_time_s": gen_seconds, "generated_tokens": gen_tokens,

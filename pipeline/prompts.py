@@ -5,8 +5,9 @@ METAMATH_PROMPT = (
     "### Instruction:\n{instruction}\n\n### Response: Let's think step by step."
 )
 
-# MetaMath's eval scripts stop generation when the model starts a new turn.
-METAMATH_STOP = ["Instruction:", "Instruction", "Response:", "Response"]
+# MetaMath's eval scripts (eval_gsm8k.py, eval_math.py) stop generation when the model starts a new turn.
+METAMATH_STOP = ["Question:", "Question", "USER:", "USER", "ASSISTANT:", "ASSISTANT", "Instruction:", "Instruction",
+                 "Response:", "Response"]
 
 ANSWER_PREFIX = "The answer is: "
 

@@ -50,6 +50,9 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     tmp = cache.with_suffix(".tmp")
     model = load_model(str(smollm2_gguf), dtype="float32")
     tok = load_tokenizer(str(smollm2_gguf))
+    # the weights are already dequantized to fp32; drop the GGUF "quantizer" so save_pretrained writes them
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     del model

@@ -10,11 +10,11 @@ import torch
 from helpers import ALL_LINEAR, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from tests_paths import ROOT
 from torch import nn
 
 from pipeline.edora import EdoraConfig, Linear, load_edora_adapter
 from pipeline.edora.loader import AdapterError
-from tests_paths import ROOT
 
 
 @pytest.fixture()

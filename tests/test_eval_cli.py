@@ -152,3 +152,11 @@ def test_missing_vllm_or_model_is_a_clear_error(gsm8k_file, tmp_path, capsys):
         assert "vLLM is not installed" in capsys.readouterr().err
     assert cli_main(base + ["--model", str(tmp_path / "no-such-model"), "--backend", "hf"]) == 2
     assert "could not load --model" in capsys.readouterr().err
+
+
+def test_hub_unavailable_points_at_data_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "0", "completion": "The answer is: 7"}])
+    assert cli_main(["eval", "--tasks", "gsm8k", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
+    assert "--data-file gsm8k=PATH.jsonl" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 from eval import extract, grading
 from eval.backends import truncate_at_stop
 from eval.tasks import TASKS, Sample
-from pipeline.prompts import METAMATH_STOP, metamath_prompt
+from pipeline.prompts import metamath_prompt
 
 # From MetaMath's eval_gsm8k.py / eval_math.py (github.com/meta-math/MetaMath), copied by hand.
 METAMATH_EVAL_STOP = ["Question:", "Question", "USER:", "USER", "ASSISTANT:", "ASSISTANT", "Instruction:",
@@ -116,9 +116,6 @@ def test_truncate_at_first_stop_string():
     assert truncate_at_stop("no stop here", stop) == "no stop here"
 
 
-@pytest.mark.xfail(METAMATH_STOP != METAMATH_EVAL_STOP, strict=True,
-                   reason="pipeline/prompts.py METAMATH_STOP lacks MetaMath's Question/USER/ASSISTANT stops "
-                          "(change requested in the eval report)")
 def test_stop_strings_match_metamath_eval_scripts():
     assert TASKS["gsm8k"].stop == METAMATH_EVAL_STOP
     assert TASKS["math"].stop == METAMATH_EVAL_STOP

@@ -1,0 +1,184 @@
+"""Reading a saved adapter for merging: config, per-module factors, and how its base was loaded in training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.cli import UserError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+EDORA_PARTS = ("edora_A", "edora_B", "edora_R", "edora_magnitude", "edora_row_norm2")
+META_FILE = "edora_meta.json"
+# Resolved recipes the trainer may leave in the adapter dir or the run dir (read only when edora_meta.json is absent).
+RECIPE_FILES = ("recipe.yaml", "resolved_recipe.yaml", "recipe.resolved.yaml")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class QuantInfo:
+    """How the base was quantized when the adapter was trained (bitsandbytes 4-bit, as BitsAndBytesConfig does)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    blocksize: int = 64
+    base_dtype: str = "bfloat16"     # dtype the checkpoint was cast to before quantizing (from_pretrained dtype=)
+    compute_dtype: str = "bfloat16"
+    quant_storage: str = "uint8"
+    source: str = ""                 # the file this came from
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Adapter:
+    dir: Path
+    config: dict
+    tensor_file: Path
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module name -> part -> key in the file
+    replaced: dict[str, str] = field(default_factory=dict)          # base key -> key in the file (modules_to_save)
+    quant: QuantInfo | None = None
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config["peft_type"])
+
+    @property
+    def scaling(self) -> float:
+        return float(self.config["lora_alpha"] if self.config.get("lora_alpha") is not None else self.config["r"]) \
+            / int(self.config["r"])
+
+    @property
+    def use_magnitude(self) -> bool:
+        return bool(self.config.get("use_magnitude", True))
+
+    def load(self, key: str):
+        """One tensor of the adapter, as fp32 (ZeRO-3 saves 16-bit; the merge math runs in fp32)."""
+        import torch
+
+        if self.tensor_file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(self.tensor_file), framework="pt") as f:
+                t = f.get_tensor(key)
+        else:
+            t = _bin_state(self.tensor_file)[key]
+        return t.to(torch.float32) if t.is_floating_point() else t
+
+    def factors(self, module: str) -> dict:
+        return {part: self.load(key) for part, key in self.modules[module].items()}
+
+
+_BIN_CACHE: dict = {}
+
+
+def _bin_state(path: Path) -> dict:
+    import torch
+
+    if path not in _BIN_CACHE:
+        _BIN_CACHE.clear()
+        _BIN_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True)
+    return _BIN_CACHE[path]
+
+
+def read_adapter(adapter_dir: str | Path) -> Adapter:
+    """Read an adapter dir; raises UserError for a missing dir, a damaged one, or an adapter type we cannot merge."""
+    from pipeline.edora.loader import AdapterError, read_adapter_config
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter directory {adapter_dir} does not exist (pass the 'adapter' folder that training "
+                        "wrote, e.g. runs/<name>/adapter)")
+    try:
+        cfg = read_adapter_config(adapter_dir)
+    except AdapterError as e:
+        raise UserError(str(e)) from e
+    files = [adapter_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    tensor_file = next((f for f in files if f.is_file()), None)
+    if tensor_file is None:
+        raise UserError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors: the adapter "
+                        "weights are missing (was training interrupted before saving?)")
+    adapter = Adapter(dir=adapter_dir, config=cfg, tensor_file=tensor_file, quant=read_quant_info(adapter_dir))
+    if adapter.peft_type == "EDORA":
+        _index_edora_keys(adapter)
+    elif adapter.peft_type != "LORA":
+        raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
+                        "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
+    return adapter
+
+
+def _tensor_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(_bin_state(path))
+
+
+def _index_edora_keys(adapter: Adapter) -> None:
+    for key in _tensor_keys(adapter.tensor_file):
+        if not key.startswith(PREFIX):
+            raise UserError(f"unexpected tensor '{key}' in {adapter.tensor_file}: not a PEFT adapter file")
+        name = key[len(PREFIX):]
+        module, _, part = name.rpartition(".")
+        if part in EDORA_PARTS:
+            adapter.modules.setdefault(module, {})[part] = key
+        elif "edora_" in part or "lora_" in part:
+            raise UserError(f"unknown adapter tensor '{key}' in {adapter.tensor_file}; this merge knows "
+                            f"{', '.join(EDORA_PARTS)}")
+        else:  # modules_to_save: a full replacement of the base tensor
+            adapter.replaced[name] = key
+    need = {"edora_A", "edora_B", "edora_R", "edora_row_norm2"} | ({"edora_magnitude"} if adapter.use_magnitude
+                                                                   else set())
+    for module, parts in adapter.modules.items():
+        missing = need - set(parts)
+        if missing:
+            raise UserError(f"adapter {adapter.dir} is incomplete: module '{module}' lacks {sorted(missing)}")
+    if not adapter.modules:
+        raise UserError(f"adapter {adapter.dir} has no EDoRA tensors in {adapter.tensor_file.name}")
+
+
+def read_quant_info(adapter_dir: Path) -> QuantInfo | None:
+    """The 4-bit settings the adapter was trained with: edora_meta.json, else a resolved recipe beside it.
+
+    None means the base was not quantized in training (or nothing says it was)."""
+    meta = adapter_dir / META_FILE
+    if meta.is_file():
+        try:
+            data = json.loads(meta.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta} is not valid JSON ({e})") from e
+        if not data.get("base_load_in_4bit", False):
+            return None
+        return QuantInfo(quant_type=data.get("bnb_4bit_quant_type", "nf4"),
+                         double_quant=bool(data.get("bnb_4bit_use_double_quant", False)),
+                         blocksize=int(data.get("bnb_4bit_blocksize", 64)),
+                         base_dtype=data.get("base_dtype", "bfloat16"),
+                         compute_dtype=data.get("bnb_4bit_compute_dtype", "bfloat16"),
+                         quant_storage=data.get("bnb_4bit_quant_storage", "uint8"), source=str(meta))
+    for d in (adapter_dir, adapter_dir.parent):
+        for name in RECIPE_FILES:
+            path = d / name
+            if path.is_file():
+                import yaml
+
+                model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+                if not model.get("load_in_4bit", False):
+                    return None
+                return QuantInfo(quant_type=model.get("bnb_4bit_quant_type", "nf4"),
+                                 double_quant=bool(model.get("bnb_4bit_use_double_quant", True)),
+                                 base_dtype=model.get("dtype", "bfloat16"),
+                                 compute_dtype=model.get("bnb_4bit_compute_dtype", "bfloat16"),
+                                 quant_storage=model.get("bnb_4bit_quant_storage", "uint8"), source=str(path))
+    return None
+
+
+def has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()

@@ -1,0 +1,31 @@
+"""The 4-bit round trip: what a base weight becomes when transformers loads it with BitsAndBytesConfig(load_in_4bit).
+
+transformers casts the checkpoint tensor to the load dtype, then `bnb.nn.Params4bit` calls
+`bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=<double quant>, quant_type=...)`; EDoRA saw
+`dequantize_4bit` of that (in the load dtype), cast to fp32. Doing the same here gives bit-identical W0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import QuantInfo
+
+
+def dequantized_4bit(w: torch.Tensor, q: QuantInfo) -> torch.Tensor:
+    import bitsandbytes.functional as bf
+
+    w = w.to(getattr(torch, q.base_dtype)).contiguous()
+    packed, state = bf.quantize_4bit(w, blocksize=q.blocksize, compress_statistics=q.double_quant,
+                                     quant_type=q.quant_type, quant_storage=getattr(torch, q.quant_storage))
+    return bf.dequantize_4bit(packed, state).to(torch.float32)
+
+
+def bnb_config(q: QuantInfo):
+    """The BitsAndBytesConfig the adapter was trained with (for verification against the 4-bit adapter model)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              bnb_4bit_quant_storage=getattr(torch, q.quant_storage))

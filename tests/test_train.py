@@ -1,0 +1,187 @@
+"""Training through the real CLI: single process, resume after a kill, 2-process ZeRO-3 on CPU, 4-bit base."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_llama, tiny_tokenizer
+from tests_paths import ROOT
+
+from pipeline.cli import main as cli_main
+from pipeline.train import read_metrics
+
+
+def gsm8k_rows(n=48):
+    rows = []
+    for i in range(n):
+        a, b = 3 + i, 7 + 2 * i
+        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples?",
+                     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    tiny_tokenizer(root / "model")
+    with open(root / "gsm8k.jsonl", "w") as f:
+        for row in gsm8k_rows():
+            f.write(json.dumps(row) + "\n")
+    return root
+
+
+def write_recipe(root, name, tmp_path, **changes):
+    recipe = yaml.safe_load((ROOT / "recipes/smollm2-135m/edora-gsm8k-cpu.yaml").read_text())
+    recipe.update(name=name, output_dir=str(tmp_path / "runs"))
+    recipe["model"]["name_or_path"] = str(root / "model")
+    recipe["adapter"]["r"] = 4
+    recipe["data"].update(source=str(root / "gsm8k.jsonl"), split="train", max_length=256)
+    recipe["training"].update(max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2, warmup_ratio=0.0,
+                              logging_steps=1, save_steps=4, lr_scheduler_type="constant")
+    for section, values in changes.items():
+        recipe[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_train_loss_falls_and_writes_the_run(tiny_setup, tmp_path):
+    recipe = write_recipe(tiny_setup, "run", tmp_path, training={"max_steps": 12})
+    assert cli_main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "run"
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    for name in ["recipe.yaml", "metrics.jsonl", "loss.png", "trainer_state.json", "data_stats.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/edora_meta.json",
+                 "adapter/tokenizer_config.json"]:
+        assert (run / name).exists(), name
+    cfg = json.loads((run / "adapter/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "EDORA" and cfg["base_model_name_or_path"] == str(tiny_setup / "model")
+    assert "import pipeline.edora" in (run / "adapter/README.md").read_text()
+    row = [r for r in read_metrics(run / "metrics.jsonl") if "tokens_per_second" in r][-1]
+    assert row["tokens_per_second"] > 0 and "eta_seconds" in row
+    # checkpoints hold the adapter and optimizer state, never the frozen base weights
+    ckpt = run / "checkpoint-12"  # save_total_limit 2 keeps 8 and 12
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "optimizer.pt").exists()
+    assert not list(ckpt.glob("model*.safetensors"))
+    # a second launch refuses to overwrite the finished run
+    assert cli_main(["train", str(recipe)]) == 2
+
+
+def test_completion_only_masking_token_by_token(tiny_setup, tmp_path):
+    from trl import SFTConfig
+
+    from pipeline.data import load_sft_dataset
+    from pipeline.edora import EdoraConfig
+    from pipeline.recipe import load_recipe
+    from pipeline.train import make_trainer
+
+    recipe = load_recipe(write_recipe(tiny_setup, "mask", tmp_path))
+    tok = tiny_tokenizer()
+    train_ds, _, _ = load_sft_dataset(recipe.data, recipe.seed)
+    args = SFTConfig(**recipe.sft_config_kwargs(), use_cpu=True)
+    model = tiny_llama(vocab=300)
+    trainer = make_trainer(model, args, train_ds, None, tok, EdoraConfig(r=2, target_modules=["q_proj"]),
+                           tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    for i in range(3):
+        raw = train_ds[i]
+        prompt_ids = tok(raw["prompt"]).input_ids
+        full_ids = tok(raw["prompt"] + raw["completion"]).input_ids + [tok.eos_token_id]
+        n = len(full_ids)
+        ids, labels = batch["input_ids"][i], batch["labels"][i]
+        assert ids[:n].tolist() == full_ids
+        assert (labels[: len(prompt_ids)] == -100).all()                      # no loss on the prompt
+        assert labels[len(prompt_ids):n].tolist() == full_ids[len(prompt_ids):]  # loss on solution + EOS
+        assert labels[n - 1] == tok.eos_token_id
+        assert (labels[n:] == -100).all()                                      # nor on padding
+    assert raw["completion"].rstrip().endswith("The answer is: " + str(3 + 2 + 7 + 4))
+
+
+def test_resume_after_a_kill_reproduces_the_loss_curve(tiny_setup, tmp_path):
+    full = write_recipe(tiny_setup, "full", tmp_path, training={"max_steps": 10, "save_steps": 3})
+    assert cli_main(["train", str(full)]) == 0
+    reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "runs/full/metrics.jsonl") if "loss" in r}
+
+    killed = write_recipe(tiny_setup, "killed", tmp_path, training={"max_steps": 10, "save_steps": 3})
+    run = tmp_path / "runs" / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoint-6" / "trainer_state.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # like a preempted job: no clean shutdown
+    proc.wait()
+    if (run / "adapter").exists():
+        pytest.skip("the run finished before it could be killed")
+    assert cli_main(["train", str(killed), "--resume"]) == 0
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert sorted(resumed) == sorted(reference)
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_setup, tmp_path, capsys):
+    recipe = write_recipe(tiny_setup, "fresh", tmp_path)
+    assert cli_main(["train", str(recipe), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_zero3_two_processes_on_cpu_saves_an_adapter_that_reloads_equal(tiny_setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import pipeline.edora  # noqa: F401
+
+    recipe = write_recipe(tiny_setup, "z3", tmp_path,
+                          launcher={"accelerate_config": str(ROOT / "recipes/accelerate/zero3-cpu.yaml"),
+                                    "num_processes": 2})
+    dump = tmp_path / "rank0.pt"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes/accelerate/zero3-cpu.yaml"), "--num_processes", "2", "--main_process_port", "29533",
+           str(ROOT / "tests/scripts/train_and_dump_logits.py"), str(recipe), str(dump)]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "z3"
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 8
+    ckpt_bytes = sum(f.stat().st_size for f in (run / "checkpoint-8").rglob("*") if f.is_file())
+    model_bytes = sum(f.stat().st_size for f in (tiny_setup / "model").glob("*.safetensors"))
+    assert ckpt_bytes < model_bytes  # no frozen base weights in checkpoints
+
+    expected = torch.load(dump)
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    with torch.no_grad():
+        got = model(input_ids=expected["ids"]).logits
+    torch.testing.assert_close(got, expected["logits"], rtol=1e-5, atol=1e-5)
+    trained = {n: p for n, p in model.named_parameters() if "edora_R" in n}
+    assert any(p.abs().max() > 1e-3 for p in trained.values())  # R moved well past its 1e-5 init
+
+
+def test_4bit_base_trains_on_cpu(tiny_setup, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    recipe = write_recipe(tiny_setup, "q4", tmp_path, model={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                            "bnb_4bit_compute_dtype": "float32",
+                                                            "bnb_4bit_quant_storage": "uint8"},
+                          training={"max_steps": 4})
+    assert cli_main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "q4"
+    meta = json.loads((run / "adapter/edora_meta.json").read_text())
+    assert meta["base_load_in_4bit"] is True and meta["bnb_4bit_quant_type"] == "nf4"
+    from safetensors.torch import load_file
+
+    sd = load_file(run / "adapter/adapter_model.safetensors")
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.edora_magnitude"].dtype == torch.float32
+    assert len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) == 4
