@@ -192,14 +192,15 @@ def write_md(r: dict) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, no GPU; torch {m['torch']}.",
         f"Verification: {r['verification']}.",
         "",
-        "| layers | output | wall s | peak RSS GiB | of which anonymous | of which file-backed (mapped shards) |",
-        "|---|---|---|---|---|---|",
+        "| layers | output | wall s | peak RSS GiB (polled) | anonymous | file-backed (mapped shards) | ru_maxrss GiB |",
+        "|---|---|---|---|---|---|---|",
         f"| {r['layers']} | {r['checkpoint_gb']:.1f} GB bf16 | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | "
-        f"{r['peak_rss_anon_gib']:.2f} | {r['peak_rss_file_gib']:.2f} |",
+        f"{r['peak_rss_anon_gib']:.2f} | {r['peak_rss_file_gib']:.2f} | {r['ru_maxrss_children_gib']:.2f} |",
         "",
         "RSS is polled every 0.1 s from /proc (process and children). Anonymous memory is what the merge allocates "
         "(one fp32 weight and its work copies); file-backed pages are the mapped safetensors tensor being read, which "
-        "the kernel can drop under pressure.",
+        "the kernel can drop under pressure. ru_maxrss (the kernel's own peak for the child) also catches peaks shorter than "
+        "the polling interval.",
     ]
     if "extrapolated_32_layers_wall_s" in r:
         lines.append(f"\nExtrapolated to 32 layers (wall time scales with the number of tensors; peak memory does "

@@ -10,8 +10,10 @@ complete-looking dir.
 
 Verification (on by default, `--no-verify` skips it): the adapter model (base + adapter through PEFT) and the
 merged model run on the same fixed prompts, one after the other; the max |logit difference| must stay within
-TOLERANCES for the output dtype. Measured (tiny random Llama / SmolLM2-135M, CPU): float32 ≤ 4e-6 / 2e-5,
-bfloat16 ≤ 0.06 / 0.5, float16 ≤ 0.008 / 0.07.
+TOLERANCES for the output dtype, relative to the largest |logit| of the reference, and the argmax agreement must
+reach MIN_AGREEMENT. Measured on CPU (max |diff| / max |logit|, argmax agreement), tiny random Llama and
+SmolLM2-135M with an r=8 adapter: float32 3.8e-7 / 4.0e-6 (100%), bfloat16 8.2e-3 / 4.4e-2 (99.4% / 97.4%),
+float16 1.0e-3 / 6.2e-3 (100%).
 
 Adapters trained on a 4-bit base (edora_meta.json, or a resolved recipe with model.load_in_4bit, beside the
 adapter): `--into full` (default, the QLoRA convention) merges into the full-precision base weights;
@@ -34,10 +36,13 @@ from pipeline.cli import UserError
 
 logger = logging.getLogger(__name__)
 
-# Max |logit difference| (merged vs adapter model) allowed per output dtype. Measured on a tiny random Llama and on
-# SmolLM2-135M (CPU); the limits leave ~4x margin over the worst seen: 16-bit rounding of the merged weights is the
-# whole difference, and it grows with depth and logit scale.
-TOLERANCES = {"float32": 1e-3, "bfloat16": 2.0, "float16": 0.3}
+# Max |logit difference| (merged vs adapter model) / max |logit| of the adapter model, per output dtype, and the least
+# share of positions whose argmax must agree. Relative, because the difference scales with the logits (SmolLM2's
+# reach 35, a tiny random model's 0.7). Worst measured (module docstring): fp32 4.0e-6, bf16 4.4e-2, fp16 6.2e-3;
+# the limits leave 3-25x margin. In 16 bits the difference is the rounding of the merged weights vs the adapter
+# path's own rounding, so it grows with depth; a wrong merge moves logits by far more.
+TOLERANCES = {"float32": 1e-4, "bfloat16": 0.15, "float16": 0.03}
+MIN_AGREEMENT = {"float32": 0.99, "bfloat16": 0.9, "float16": 0.95}
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -222,7 +227,9 @@ def main(args) -> int:
             tmp.rename(rejected)
             g = failed["comparisons"][failed["gate"]]
             raise UserError(f"verification failed: the merged model's logits differ from the adapter model's by up "
-                            f"to {g['max_abs_logit_diff']:.4g} (tolerance for {dtype_name}: {failed['tolerance']}). "
+                            f"to {g['max_abs_logit_diff']:.4g} = {g['rel_logit_diff']:.3g} of the largest logit "
+                            f"(tolerance for {failed['tolerance_dtype']}: {failed['tolerance']}), argmax agreement "
+                            f"{g['argmax_agreement']:.1%} (needed: {failed['min_agreement']:.0%}). "
                             f"The merged checkpoint is kept for inspection in {rejected} (see merge_report.json); "
                             f"{out} was not written.")
         _publish(tmp, out)
@@ -234,8 +241,9 @@ def main(args) -> int:
         logger.info("merged into %s (verification skipped)", out)
     else:
         g = v["comparisons"][v["gate"]]
-        logger.info("merged into %s; verified: max |logit diff| %.3g (tolerance %g), argmax agreement %.1f%%",
-                    out, g["max_abs_logit_diff"], v["tolerance"], 100 * g["argmax_agreement"])
+        logger.info("merged into %s; verified: max |logit diff| %.3g = %.3g of the largest logit (tolerance %g), "
+                    "argmax agreement %.1f%%", out, g["max_abs_logit_diff"], g["rel_logit_diff"], v["tolerance"],
+                    100 * g["argmax_agreement"])
     print(out)
     return 0
 
@@ -336,6 +344,8 @@ def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, args) -> dict:
     tol_dtype = dtype_name
     if gate == "adapter_4bit_base" and DTYPES.index(adapter.quant.compute_dtype) < DTYPES.index(dtype_name):
         tol_dtype = adapter.quant.compute_dtype  # the 4-bit reference computes in a lower precision than the output
-    result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype)
-    result["passed"] = result["comparisons"][gate]["max_abs_logit_diff"] <= TOLERANCES[tol_dtype]
+    result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype,
+                  min_agreement=MIN_AGREEMENT[tol_dtype])
+    g = result["comparisons"][gate]
+    result["passed"] = g["rel_logit_diff"] <= TOLERANCES[tol_dtype] and g["argmax_agreement"] >= MIN_AGREEMENT[tol_dtype]
     return result

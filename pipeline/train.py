@@ -128,6 +128,7 @@ def train(recipe, resume: bool = False):
 
 
 def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path):
+    import torch
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
@@ -142,6 +143,8 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
                 elapsed = now - self._t0
                 logs["tokens_per_second"] = round((self.state.num_input_tokens_seen - self._tok0) / elapsed, 1)
                 logs["eta_seconds"] = round((self.state.max_steps - self.state.global_step) * elapsed / steps)
+            if "loss" in logs and torch.cuda.is_available():
+                logs["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             super().log(logs, start_time)
             if self.is_world_process_zero():
                 row = {"step": self.state.global_step, "epoch": self.state.epoch, **logs,

@@ -59,3 +59,14 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     tmp.rename(cache)
     return cache
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU host: python -m pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from pipeline.edora import EdoraConfig, Linear
-from pipeline.edora.layer import factored_row_norm
+from pipeline.edora.ops import factored_row_norm
 from pipeline.edora.svd import truncated_svd
 
 
@@ -191,7 +191,7 @@ def test_loraxs_counts_and_formula():
     randomize_adapter(model)
     layers = edora_layers(model)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == len(layers) * r * r
-    for name, layer in layers.items():
+    for _name, layer in layers.items():
         assert "default" not in layer.edora_magnitude
         w0 = layer.get_base_layer().weight.detach()
         A, B, R = layer.edora_A["default"], layer.edora_B["default"], layer.edora_R["default"].detach()

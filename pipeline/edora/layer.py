@@ -29,6 +29,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .config import EdoraConfig
+from .ops import MagnitudeLowRank, factored_row_norm
 from .svd import truncated_svd
 
 
@@ -50,15 +51,8 @@ def _unpack_bnb_cpu_weight(base: nn.Module) -> None:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         warnings.warn("this 4-bit layer was repacked by bitsandbytes' CPU kernel before EDoRA wrapped it; its "
-                      "dequantized weight is approximate. Add the adapter before running the model on CPU.")
+                      "dequantized weight is approximate. Add the adapter before running the model on CPU.", stacklevel=2)
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
-
-
-def factored_row_norm(w2: torch.Tensor, p: torch.Tensor, g: torch.Tensor, br: torch.Tensor, s: float) -> torch.Tensor:
-    """||(W0 + s·B R A)[i, :]|| from w2 = ||W0_i||², P = W0 Aᵀ, G = A Aᵀ and BR = B R, all fp32."""
-    n2 = w2 + 2.0 * s * (p * br).sum(dim=1) + (s * s) * ((br @ g) * br).sum(dim=1)
-    # Rounding can push n2 a hair below 0 only for all-zero rows; clamp so sqrt stays finite.
-    return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
 
 
 @torch.no_grad()
@@ -100,6 +94,7 @@ class EdoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._refresh_on_load: set[str] = set()
         self._merge_norms: dict[str, torch.Tensor] = {}  # n used by merge(), needed to unmerge exactly
+        self._a_cache: dict = {}  # A in the compute dtype: A is frozen, so cast it once, not every step
         base = self.get_base_layer()
         _unpack_bnb_cpu_weight(base)
         if isinstance(base, nn.Linear) or self.quantization_backend is not None:
@@ -226,7 +221,7 @@ class EdoraLayer(BaseTunerLayer):
     # ---- math -----------------------------------------------------------------------------------------------------
 
     def row_norm(self, name: str) -> torch.Tensor:
-        """n = ||W0 + s·B R A||_row (fp32, not detached) from the factored terms."""
+        """n = ||W0 + s·B R A||_row (fp32, detached) from the factored terms."""
         br = self.edora_B[name].float() @ self.edora_R[name].float()
         return factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br,
                                  self.scaling[name])
@@ -240,39 +235,46 @@ class EdoraLayer(BaseTunerLayer):
         return merged_weight_from_factors(w0, self.edora_A[name], self.edora_B[name], self.edora_R[name], m,
                                           self.scaling[name])
 
+    def _a_in(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        a = self.edora_A[name]
+        if a.dtype == dtype or torch.compiler.is_compiling():
+            return a.to(dtype)
+        stamp = (a.data_ptr(), a._version, a.device)
+        hit = self._a_cache.get((name, dtype))
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, a.to(dtype))
+            self._a_cache[(name, dtype)] = hit
+        return hit[1]
+
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
         cdt = base_out.dtype
         dropout = self.edora_dropout[name]
         x_in = dropout(x)
-        xa = F.linear(x_in.to(cdt), self.edora_A[name].to(cdt))  # [..., r]
+        xa = F.linear(x_in.to(cdt), self._a_in(name, cdt))  # [..., r]
         s = self.scaling[name]
         with _no_autocast(base_out.device):
-            br = self.edora_B[name].float() @ self.edora_R[name].float()  # [out, r]
-            if not self.use_magnitude[name]:
-                m_br = (s * br).to(cdt)
-            else:
-                n = factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br, s)
-                scale = self.edora_magnitude[name].float() / n.detach()
-                m_br = (br * (s * scale)[:, None]).to(cdt)
-                scale = scale.to(cdt)
+            br = self.edora_B[name].float() @ self.edora_R[name].float()  # [out, r], fp32, grad to R
         shape = base_out.shape
-        flat_xa = xa.reshape(-1, xa.shape[-1])
+        base2d, xa2d = base_out.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1])
         if not self.use_magnitude[name]:
-            return torch.addmm(base_out.reshape(-1, shape[-1]), flat_xa, m_br.T).view(shape)
+            return torch.addmm(base2d, xa2d, br.to(cdt).T, alpha=s).view(shape)
+        n = factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br.detach(), s)
+        m = self.edora_magnitude[name].float()
         bias = self.get_base_layer().bias
-        reuse_base = isinstance(dropout, nn.Identity) or not self.training
-        if reuse_base:
-            # x W0ᵀ = base_out - bias, so scale·(x W0ᵀ) + bias = scale·base_out + (1 - scale)·bias
-            out = torch.addmm(base_out.reshape(-1, shape[-1]) * scale, flat_xa, m_br.T).view(shape)
-            if bias is not None:
-                out = out + (1 - scale) * bias.to(cdt)
-            return out
+        if isinstance(dropout, nn.Identity) or not self.training:
+            # base output reused: x W0ᵀ = base_out - bias
+            if bias is None:
+                return MagnitudeLowRank.apply(base2d, xa2d, br, m, n, s).view(shape)
+            b = bias.to(cdt)
+            return (MagnitudeLowRank.apply(base2d - b, xa2d, br, m, n, s) + b).view(shape)
         # Dropout on the adapter path: the decomposed part sees dropout(x), as PEFT's DoRA does.
+        scale = (m / n).to(cdt)
         base_drop = self.get_base_layer()(x_in)
         if bias is not None:
             base_drop = base_drop - bias.to(cdt)
         out = base_out + (scale - 1) * base_drop
-        return torch.addmm(out.reshape(-1, shape[-1]), flat_xa, m_br.T).view(shape)
+        m_br = (br * (s * m / n)[:, None]).to(cdt)
+        return torch.addmm(out.reshape(-1, shape[-1]), xa2d, m_br.T).view(shape)
 
 
 class Linear(nn.Module, EdoraLayer):

@@ -59,7 +59,8 @@ def compare(ref: dict, got: dict) -> dict:
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref["logits"], got["logits"]))
     total = sum(a.shape[0] for a in ref["logits"])
     scale = max(a.abs().max().item() for a in ref["logits"])
-    return {"max_abs_logit_diff": max(d.max().item() for d in diffs),
+    worst = max(d.max().item() for d in diffs)
+    return {"max_abs_logit_diff": worst, "rel_logit_diff": worst / max(scale, 1e-30),
             "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
             "max_abs_logit": scale,
             "argmax_agreement": agree / total,

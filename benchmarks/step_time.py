@@ -1,0 +1,217 @@
+"""Train-step time, tokens/s and peak GPU memory of EDoRA vs PEFT LoRA / DoRA on Mistral-7B-shaped decoder stacks.
+
+Every variant runs in one process on the same random weights and inputs: a MistralForCausalLM with N layers
+(hidden 4096, intermediate 14336, 32 heads / 8 KV heads, vocab 32000), bf16 or an NF4 4-bit base, adapters on all
+seven projections, one step = forward + backward + AdamW step on the adapter, no gradient checkpointing.
+
+    python benchmarks/step_time.py --out benchmarks/results/step_time.json [--grid eager|compile|4bit|all]
+
+Results are appended to the JSON as they come (a crash keeps finished rows); `benchmarks/report.py` makes the
+Markdown table and the PNG from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(layers: int, quant: bool, seed: int = 0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = MistralForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # init_weights' std 0.02 everywhere; enough for timing
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    if quant:
+        quantize_linears(model)
+    model.requires_grad_(False)
+    return model
+
+
+def quantize_linears(model) -> None:
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGETS:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", device="cuda")
+                q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
+                setattr(parent, name, q)
+    model.is_loaded_in_4bit = True
+    torch.cuda.empty_cache()
+
+
+def add_adapter(model, variant: str, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.edora import EdoraConfig
+
+    if variant == "floor":
+        model.enable_input_require_grads()  # the backward still computes input gradients through every layer
+        return model
+    if variant in ("lora", "dora"):
+        cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS, use_dora=variant == "dora")
+    elif variant in ("edora", "loraxs"):
+        cfg = EdoraConfig(r=r, target_modules=TARGETS, use_magnitude=variant == "edora")
+    else:
+        raise ValueError(variant)
+    return get_peft_model(model, cfg)
+
+
+def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool, compile_: bool,
+            warmup: int = 3, steps: int = 10) -> dict:
+    row = dict(variant=variant, r=r, layers=layers, batch=batch, seq=seq, base="nf4" if quant else "bf16",
+               mode="compile" if compile_ else "eager")
+    model = None
+    try:
+        model = add_adapter(build_model(layers, quant), variant, r)
+        params = [p for p in model.parameters() if p.requires_grad]
+        row["trainable_params"] = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        fwd = torch.compile(model) if compile_ else model
+        g = torch.Generator(device="cuda").manual_seed(1)
+        ids = torch.randint(0, 32000, (batch, seq), device="cuda", generator=g)
+
+        def step():
+            out = fwd(input_ids=ids, labels=ids)
+            out.loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        t_first = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        row["first_step_s"] = round(time.perf_counter() - t_first, 2)  # includes compilation
+        for _ in range(warmup - 1):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / steps
+        row.update(step_ms=round(ms, 2), tokens_per_s=round(batch * seq / ms * 1000),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as e:  # a variant that fails (e.g. does not compile) is recorded, the rest still run
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return row
+
+
+def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = add_adapter(build_model(layers, False), variant, r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {variant}: top CUDA kernels over 3 steps ==")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+def grid(name: str):
+    v4 = ["floor", "lora", "dora", "edora"]
+    if name == "eager":
+        for layers in (8, 32):
+            for batch in (2, 8):
+                for r in (16, 64):
+                    for v in v4:
+                        if v == "floor" and r == 16:
+                            continue
+                        yield dict(variant=v, r=r, layers=layers, batch=batch, quant=False, compile_=False)
+    elif name == "compile":
+        for v in ["floor", "lora", "edora", "dora"]:
+            yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
+    elif name == "4bit":
+        for v in v4:
+            yield dict(variant=v, r=64, layers=8, batch=2, quant=True, compile_=False)
+    elif name == "target":  # the configuration the issue's targets are stated for
+        for v in v4:
+            yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=False)
+    else:
+        raise ValueError(name)
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    return dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
+                transformers=transformers.__version__, peft=peft.__version__, python=platform.python_version())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/step_time.json")
+    ap.add_argument("--grid", default="target", help="target | eager | compile | 4bit, comma-separated")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--budget-s", type=float, default=540, help="stop starting new rows after this many seconds")
+    ap.add_argument("--profile", default=None, help="print the top CUDA kernels of one variant (r=64, 8 layers)")
+    args = ap.parse_args()
+    if args.profile:
+        return profile(args.profile, args.seq)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    data.setdefault("environment", environment())
+    data.setdefault("commands", []).append(" ".join(sys.argv))
+    t0 = time.time()
+    for name in args.grid.split(","):
+        for spec in grid(name):
+            if time.time() - t0 > args.budget_s:
+                print("time budget reached; stopping", flush=True)
+                break
+            row = measure(seq=args.seq, **spec)
+            row["grid"] = name
+            print(json.dumps(row), flush=True)
+            data["runs"].append(row)
+            out.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
