@@ -129,7 +129,7 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     return row
 
 
-def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64) -> None:
+def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64, compile_: bool = False) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -138,8 +138,10 @@ def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
 
+    fwd = torch.compile(model) if compile_ else model
+
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        fwd(input_ids=ids, labels=ids).loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -151,7 +153,7 @@ def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(f"== {variant}: top CUDA kernels over 3 steps ==")
+    print(f"== {variant}{' (compiled)' if compile_ else ''}: top CUDA kernels over 3 steps ==")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
@@ -167,6 +169,9 @@ def grid(name: str):
                         yield dict(variant=v, r=r, layers=layers, batch=batch, quant=False, compile_=False)
     elif name == "compile":
         for v in ["floor", "lora", "edora", "dora"]:
+            yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
+    elif name == "compile3":
+        for v in ["floor", "lora", "edora"]:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
     elif name == "4bit":
         for v in v4:
@@ -193,9 +198,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new rows after this many seconds")
     ap.add_argument("--profile", default=None, help="print the top CUDA kernels of one variant (r=64, 8 layers)")
+    ap.add_argument("--profile-compiled", action="store_true", help="profile the torch.compile'd model")
     args = ap.parse_args()
     if args.profile:
-        return profile(args.profile, args.seq)
+        return profile(args.profile, args.seq, compile_=args.profile_compiled)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"runs": []}
     data.setdefault("environment", environment())

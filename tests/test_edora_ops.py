@@ -1,11 +1,12 @@
 """The hand-written backward of the fused EDoRA op, checked by finite differences and against dense autograd."""
 
+import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
 
 from pipeline.edora import EdoraConfig
-from pipeline.edora.ops import MagnitudeLowRank
+from pipeline.edora.ops import EdoraLinearAdapter, MagnitudeLowRank
 
 
 def test_gradcheck_magnitude_low_rank():
@@ -20,10 +21,12 @@ def test_gradcheck_magnitude_low_rank():
         assert torch.autograd.gradcheck(lambda *a, s=s: MagnitudeLowRank.apply(*a, n, s), (base, xa, br, m))
 
 
-def test_layer_gradients_equal_dense_autograd_with_detached_norm():
+@pytest.mark.parametrize("bias", [True, False])  # False: the fused hot path
+def test_layer_gradients_equal_dense_autograd_with_detached_norm(bias):
     torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(32, 24, bias=True))
-    w0, b = lin[0].weight.detach().clone(), lin[0].bias.detach().clone()
+    lin = nn.Sequential(nn.Linear(32, 24, bias=bias))
+    w0 = lin[0].weight.detach().clone()
+    b = lin[0].bias.detach().clone() if bias else 0.0
     model = get_peft_model(lin, EdoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
     layer = model.base_model.model[0]
     with torch.no_grad():
@@ -60,3 +63,45 @@ def test_cpu_bf16_autocast_runs_and_stays_close():
     out.float().sum().backward()
     assert layer.edora_magnitude["default"].grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_gradcheck_fused_adapter_and_zero_rows():
+    g = torch.Generator().manual_seed(1)
+    T, in_f, out_f, r = 4, 6, 5, 3
+    d = torch.float64
+    x = torch.randn(T, in_f, generator=g, dtype=d, requires_grad=True)
+    base = torch.randn(T, out_f, generator=g, dtype=d, requires_grad=True)
+    a = torch.randn(r, in_f, generator=g, dtype=d)
+    b = torch.randn(out_f, r, generator=g, dtype=d)
+    w0 = torch.randn(out_f, in_f, generator=g, dtype=d)
+    r_mat = (0.1 * torch.randn(r, r, generator=g, dtype=d)).requires_grad_()
+    m = (torch.rand(out_f, generator=g, dtype=d) + 0.5).requires_grad_()
+    w2, p, gm = (w0 * w0).sum(1), w0 @ a.T, a @ a.T
+    for s in (1.0, 0.5):
+        def fn(x, base, r_mat, m, s=s):
+            return EdoraLinearAdapter.apply(x, base, a, b, r_mat, m, w2, p, gm, s)
+
+        # x, base, m: n does not depend on them, so finite differences check the backward exactly
+        assert torch.autograd.gradcheck(lambda x, base, m: fn(x, base, r_mat, m), (x, base, m))
+        # forward = the dense formula with the direct row norm; R's gradient = dense autograd with n detached
+        r_ref = r_mat.detach().clone().requires_grad_()
+        w = w0 + s * b @ r_ref @ a
+        n = torch.linalg.vector_norm(w, dim=1).detach()
+        expected = (m.detach() / n) * (base.detach() + s * x.detach() @ a.T @ r_ref.T @ b.T)
+        got = fn(x, base, r_mat, m)
+        torch.testing.assert_close(got.detach(), expected)
+        cot = torch.randn(T, out_f, generator=g, dtype=d)
+        (g_r,) = torch.autograd.grad(got, r_mat, cot)
+        (g_ref,) = torch.autograd.grad(expected, r_ref, cot)
+        torch.testing.assert_close(g_r, g_ref)
+
+
+def test_all_zero_weight_row_stays_finite():
+    lin = nn.Sequential(nn.Linear(8, 6, bias=False))
+    with torch.no_grad():
+        lin[0].weight[2].zero_()
+    model = get_peft_model(lin, EdoraConfig(r=2, target_modules=["0"], init_sigma=0.0))
+    x = torch.randn(3, 8)
+    y = model(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, x @ model.base_model.model[0].get_base_layer().weight.T)  # R = 0: the base

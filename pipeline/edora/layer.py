@@ -29,8 +29,11 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .config import EdoraConfig
-from .ops import MagnitudeLowRank, factored_row_norm
+from .ops import EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm
 from .svd import truncated_svd
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _no_autocast(device: torch.device):
@@ -177,7 +180,8 @@ class EdoraLayer(BaseTunerLayer):
 
         self.edora_A[name] = put(a)
         self.edora_B[name] = put(b)
-        self.edora_row_norm2[name] = w2.to(device=device, dtype=torch.float32)
+        # clamped above 0 so m / n stays finite for an all-zero weight row
+        self.edora_row_norm2[name] = w2.to(device=device, dtype=torch.float32).clamp_min(_TINY)
         self.edora_P[name] = p.to(device=device, dtype=torch.float32)
         a32 = a.to(device=device, dtype=torch.float32)
         self.edora_G[name] = a32 @ a32.T
@@ -214,7 +218,7 @@ class EdoraLayer(BaseTunerLayer):
                 )
             a32 = self.edora_A[name].to(w0.device, torch.float32)
             dev = self.edora_A[name].device
-            self.edora_row_norm2[name] = w2_base.to(dev)
+            self.edora_row_norm2[name] = w2_base.to(dev).clamp_min(_TINY)
             self.edora_P[name] = (w0 @ a32.T).to(dev)
             self.edora_G[name] = (a32 @ a32.T).to(dev)
 
@@ -249,6 +253,16 @@ class EdoraLayer(BaseTunerLayer):
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
         cdt = base_out.dtype
         dropout = self.edora_dropout[name]
+        if (self.use_magnitude[name] and self.get_base_layer().bias is None
+                and (isinstance(dropout, nn.Identity) or not self.training)):
+            # the hot path (Llama/Mistral projections have no bias): one fused autograd node
+            shape = base_out.shape
+            y = EdoraLinearAdapter.apply(x.reshape(-1, x.shape[-1]).to(cdt), base_out.reshape(-1, shape[-1]),
+                                         self._a_in(name, cdt), self.edora_B[name].float(),
+                                         self.edora_R[name].float(), self.edora_magnitude[name].float(),
+                                         self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name],
+                                         self.scaling[name])
+            return y.view(shape)
         x_in = dropout(x)
         xa = F.linear(x_in.to(cdt), self._a_in(name, cdt))  # [..., r]
         s = self.scaling[name]

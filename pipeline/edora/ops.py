@@ -57,3 +57,47 @@ class MagnitudeLowRank(torch.autograd.Function):
             g_xa = g_xa * s if g_xa is not None else None
             g_br = g_br * s if g_br is not None else None
         return g_pre, g_xa, g_br, g_m, None, None
+
+
+class EdoraLinearAdapter(torch.autograd.Function):
+    """The whole EDoRA adapter path of one layer as one autograd node (the hot path: no dropout, magnitude on):
+
+        BR = B R;  n = sqrt(w2 + Σ_j BR_ij (2s·P + s²·BR G)_ij)  (detached);  scale = m / n
+        y  = scale ⊙ (base + s · (x Aᵀ) BRᵀ)
+
+    x `[T, in]`, base `[T, out]`, a_c `[r, in]` in the compute dtype; b `[out, r]`, r_mat `[r, r]`, m `[out]`,
+    w2 `[out]` (> 0), p `[out, r]`, g `[r, r]` in fp32. Gradients flow to x, base, r_mat and m only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, a_c, b, r_mat, m, w2, p, g, s):
+        cdt = base.dtype
+        with torch.autocast(device_type=base.device.type, enabled=False):
+            xa = torch.mm(x, a_c.T)
+            br = torch.mm(b, r_mat)
+            t = torch.addmm(p, br, g, beta=2.0 * s, alpha=s * s)
+            # m / sqrt(..), not m * rsqrt(..): with R = 0 this is exactly m / sqrt(w2) = 1, so W' = W0 bit for bit
+            n = torch.linalg.vecdot(br, t, dim=1).add_(w2).sqrt_()
+            scale_c = (m / n).to(cdt)
+            br_c = br.to(cdt)
+            pre = torch.addmm(base, xa, br_c.T, alpha=s)
+            y = pre * scale_c
+        ctx.save_for_backward(xa, a_c, b, br_c, pre, scale_c, n)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, a_c, b, br_c, pre, scale_c, n = ctx.saved_tensors
+        s = ctx.s
+        g_pre = gy * scale_c
+        # sums over tokens accumulate in the adapter dtype (fp32), whatever the compute dtype
+        g_m = (gy * pre).sum(0, dtype=n.dtype).div_(n) if ctx.needs_input_grad[5] else None
+        g_x = g_r = None
+        if ctx.needs_input_grad[0]:
+            g_xa = torch.mm(g_pre, br_c)
+            g_x = torch.mm(g_xa, a_c) if s == 1.0 else torch.mm(g_xa, a_c).mul_(s)
+        if ctx.needs_input_grad[4]:
+            g_br = torch.mm(g_pre.T, xa).to(b.dtype)
+            g_r = torch.mm(b.T, g_br) if s == 1.0 else torch.mm(b.T, g_br).mul_(s)
+        return g_x, g_pre, None, None, g_r, g_m, None, None, None, None
