@@ -1,10 +1,80 @@
-"""TODO(scaffold): replaced by the real implementation before landing."""
+"""`python -m pipeline serve --model runs/<name>/merged`: vLLM's OpenAI-compatible server for a merged checkpoint.
+
+vLLM cannot load EDoRA (or DoRA) adapters, so this serves merged checkpoints only, and says so when handed an adapter.
+vLLM pins its own torch/transformers: install it in its own environment (deploy/README.md). The command replaces this
+process with `vllm serve ...`, so Ctrl-C and signals reach vLLM directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
 from pipeline.cli import UserError
 
-
-def add_arguments(parser):
-    pass
+logger = logging.getLogger(__name__)
 
 
-def main(args):
-    raise UserError("'serve' is not implemented yet")
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="merged checkpoint dir (python -m pipeline merge) or hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve other machines)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --model)")
+    parser.add_argument("--api-key", default=None, help="require this key from clients")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+
+
+def vllm_command(args) -> list[str]:
+    cmd = ["vllm", "serve", args.model, "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
+           "--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    if args.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return cmd
+
+
+def check_model(model: str) -> None:
+    path = Path(model)
+    if not path.exists():
+        if model.startswith((".", "/")) or model.count("/") != 1:
+            raise UserError(f"--model {model}: no such directory (and it does not look like a hub id 'org/name')")
+        return  # a hub id: vLLM downloads it
+    if (path / "adapter_config.json").exists():
+        raise UserError(f"{model} is an adapter, and vLLM cannot load EDoRA adapters. Merge it first: "
+                        f"python -m pipeline merge --adapter {model}  (then serve the 'merged' dir it prints)")
+    if not (path / "config.json").exists():
+        raise UserError(f"{model} has no config.json: pass a merged checkpoint dir (runs/<name>/merged)")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"{model} has no *.safetensors weights; was the merge interrupted? Run the merge again")
+
+
+def main(args) -> int:
+    check_model(args.model)
+    if args.tensor_parallel_size < 1:
+        raise UserError("--tensor-parallel-size must be >= 1")
+    cmd = vllm_command(args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    exe = shutil.which("vllm")
+    if exe is None:
+        raise UserError("vLLM is not installed in this environment. Install it in its own environment "
+                        "(pip install -r deploy/requirements-vllm.txt; see deploy/README.md), or use --dry-run to "
+                        "print the command")
+    logger.info("starting: %s", shlex.join(cmd))
+    sys.stdout.flush()
+    os.execv(exe, cmd)
+    return 0  # not reached

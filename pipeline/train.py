@@ -174,7 +174,8 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
 
     tokenizer.save_pretrained(adapter_dir)
     m = recipe.model
-    meta = {
+    meta = {  # read by `pipeline merge` (pipeline/merging/adapter.py) to redo the 4-bit round trip exactly
+        "schema": 1,
         "base_model": m.name_or_path,
         "base_dtype": m.dtype,
         "base_load_in_4bit": m.load_in_4bit,
@@ -182,6 +183,7 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
         "bnb_4bit_use_double_quant": m.bnb_4bit_use_double_quant if m.load_in_4bit else None,
         "bnb_4bit_compute_dtype": m.bnb_4bit_compute_dtype if m.load_in_4bit else None,
         "bnb_4bit_quant_storage": m.bnb_4bit_quant_storage if m.load_in_4bit else None,
+        "bnb_4bit_blocksize": 64 if m.load_in_4bit else None,  # BitsAndBytesConfig's fixed 4-bit blocksize
         "method": recipe.adapter.method,
         "recipe": recipe.name,
         "global_step": trainer.state.global_step,

@@ -169,6 +169,15 @@ def test_zero3_two_processes_on_cpu_saves_an_adapter_that_reloads_equal(tiny_set
     trained = {n: p for n, p in model.named_parameters() if "edora_R" in n}
     assert any(p.abs().max() > 1e-3 for p in trained.values())  # R moved well past its 1e-5 init
 
+    # the adapter from the ZeRO-3 run merges into a plain checkpoint that reproduces rank 0's logits
+    assert cli_main(["merge", "--adapter", str(run / "adapter"), "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=expected["ids"]).logits, expected["logits"], rtol=1e-5,
+                                   atol=1e-5)
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert report["verification"]["passed"] is True
+
 
 def test_4bit_base_trains_on_cpu(tiny_setup, tmp_path):
     pytest.importorskip("bitsandbytes")

@@ -32,7 +32,6 @@ from .config import EdoraConfig
 from .ops import EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm
 from .svd import truncated_svd
 
-
 _TINY = torch.finfo(torch.float32).tiny
 
 

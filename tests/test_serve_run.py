@@ -1,0 +1,60 @@
+"""`pipeline serve` refusals and dry run; `pipeline run` end to end on a tiny model (transformers eval backend)."""
+
+import json
+
+import pytest
+import yaml
+from helpers import tiny_llama, tiny_tokenizer
+from test_train import gsm8k_rows, write_recipe
+
+from pipeline.cli import main as cli_main
+
+
+def test_serve_refuses_an_adapter_dir(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert cli_main(["serve", "--model", str(tmp_path)]) == 2
+    assert "merge it first" in capsys.readouterr().err.lower()
+
+
+def test_serve_refuses_a_dir_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["serve", "--model", str(tmp_path)]) == 2
+    assert "safetensors" in capsys.readouterr().err
+
+
+def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path)
+    assert cli_main(["serve", "--model", str(tmp_path), "--port", "8123", "--tensor-parallel-size", "2",
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]  # (DeepSpeed prints a CPU warning to stdout first)
+    assert out.startswith("vllm serve ") and "--port 8123" in out and "--tensor-parallel-size 2" in out
+
+
+def test_run_trains_merges_evaluates_and_reports(tmp_path):
+    root = tmp_path / "setup"
+    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    tiny_tokenizer(root / "model")
+    with open(root / "gsm8k.jsonl", "w") as f:
+        for row in gsm8k_rows(24):
+            f.write(json.dumps(row) + "\n")
+    recipe = write_recipe(root, "e2e", tmp_path, training={"max_steps": 3})
+    assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
+                     "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
+    run = tmp_path / "runs" / "e2e"
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((run / "merged" / "merge_report.json").read_text())["verification"]["passed"] is True
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert "gsm8k" in summary["tasks"]
+    report = (run / "report.md").read_text()
+    assert "## Training" in report and "## Merge" in report and "## Evaluation" in report
+    # a second run resumes: nothing to redo, same report
+    assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
+                     "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["name"] == "e2e"
+
+
+@pytest.mark.parametrize("cmd", [["serve", "--help"], ["run", "--help"]])
+def test_help_is_instant(cmd):
+    with pytest.raises(SystemExit) as e:
+        cli_main(cmd)
+    assert e.value.code == 0
