@@ -40,6 +40,7 @@ def main(args) -> int:
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists() or args.resume:
         train(recipe, resume=args.resume)
+        free_accelerator_memory()  # the eval backend (vLLM) sizes itself from the free GPU memory
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under a multi-GPU launch only rank 0 merges and evaluates
     merged = run_dir / "merged"
@@ -63,6 +64,16 @@ def main(args) -> int:
     report = write_report(run_dir, recipe.name)
     print(report)
     return 0
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_report(run_dir: Path, name: str) -> Path:
