@@ -36,7 +36,8 @@ def main():
     from helpers import tiny_llama, tiny_tokenizer
 
     model_dir = out / "model"
-    tiny_llama(seed=0, vocab=300, hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2).save_pretrained(
+    tiny_llama(seed=0, vocab=300, hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2,
+               max_positions=4096).save_pretrained(
         model_dir)
     tiny_tokenizer(model_dir)
     recipe = yaml.safe_load((ROOT / "recipes/smollm2-135m/edora-gsm8k-cpu.yaml").read_text())
@@ -67,7 +68,7 @@ def main():
 
     port = 8765
     server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", str(run_dir / "merged"),
-                               "--port", str(port), "--max-model-len", "1024", "--gpu-memory-utilization", "0.5"],
+                               "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.5"],
                               cwd=ROOT, env=env, stdout=open(out / "serve.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:

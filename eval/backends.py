@@ -56,7 +56,11 @@ class VLLMBackend:
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, stop=list(sampling.stop))
         # One call with every prompt: vLLM schedules and batches them itself (continuous batching).
-        outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=True)
+        except ValueError as e:  # vLLM's validation errors (e.g. a prompt longer than the model's context)
+            raise BackendError(f"vLLM refused the prompts: {e}. Use a model with a longer context, or a smaller "
+                               "--max-tokens") from e
         for i, out in enumerate(outputs):
             yield i, out.outputs[0].text, len(out.outputs[0].token_ids)
 
