@@ -58,7 +58,7 @@ class VLLMBackend:
         # One call with every prompt: vLLM schedules and batches them itself (continuous batching).
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=True)
-        except ValueError as e:  # vLLM's validation errors (e.g. a prompt longer than the model's context)
+        except (ValueError, TypeError, RuntimeError) as e:  # e.g. VLLMValidationError: prompt longer than the context
             raise BackendError(f"vLLM refused the prompts: {e}. Use a model with a longer context, or a smaller "
                                "--max-tokens") from e
         for i, out in enumerate(outputs):
