@@ -73,7 +73,7 @@ def main():
                               start_new_session=True)
     try:
         t = time.time()
-        while time.time() - t < 300:
+        while time.time() - t < 300 and server.poll() is None:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
                     break

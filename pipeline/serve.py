@@ -7,6 +7,7 @@ process with `vllm serve ...`, so Ctrl-C and signals reach vLLM directly.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shlex
@@ -70,6 +71,11 @@ def main(args) -> int:
         print(shlex.join(cmd))
         return 0
     exe = shutil.which("vllm")
+    if exe is None and importlib.util.find_spec("vllm") is not None:
+        # installed without its console script (pip --target, some venvs): run vLLM's CLI module directly
+        exe = sys.executable
+        cmd = [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; "
+               "sys.argv = ['vllm'] + sys.argv[1:]; main()"] + cmd[1:]
     if exe is None:
         raise UserError("vLLM is not installed in this environment. Install it in its own environment "
                         "(pip install -r deploy/requirements-vllm.txt; see deploy/README.md), or use --dry-run to "
