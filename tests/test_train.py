@@ -160,6 +160,12 @@ def test_zero3_two_processes_on_cpu_saves_an_adapter_that_reloads_equal(tiny_set
     model_bytes = sum(f.stat().st_size for f in (tiny_setup / "model").glob("*.safetensors"))
     assert ckpt_bytes < model_bytes  # no frozen base weights in checkpoints
 
+    # each rank ran only its share of the SVDs and received the rest: identical factors everywhere
+    ranks = [json.loads((tmp_path / f"rank0.pt.rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["layers"] == ranks[1]["layers"] == 14
+    assert ranks[0]["svd_calls"] == ranks[1]["svd_calls"] == 7
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] > 0
+
     expected = torch.load(dump)
     base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
     model = PeftModel.from_pretrained(base, run / "adapter")

@@ -108,7 +108,7 @@ class EdoraLayer(BaseTunerLayer):
     # ---- creation ---------------------------------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, config: EdoraConfig, layer_seed: int = 0,
-                     inference_mode: bool = False) -> None:
+                     inference_mode: bool = False, svd_here: bool = True) -> None:
         r = config.r
         if not 1 <= r <= min(self.in_features, self.out_features):
             raise ValueError(
@@ -130,7 +130,7 @@ class EdoraLayer(BaseTunerLayer):
                               w2=torch.ones(self.out_features), p=torch.zeros(self.out_features, r),
                               r_init=torch.zeros(r, r), m=torch.ones(self.out_features))
         else:
-            self._init_from_base(adapter_name, config, layer_seed, dtype)
+            self._init_from_base(adapter_name, config, layer_seed, dtype, svd_here)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _base_device(self) -> torch.device:
@@ -152,13 +152,23 @@ class EdoraLayer(BaseTunerLayer):
                                f"{(self.out_features, self.in_features)}")
         return w
 
-    def _init_from_base(self, adapter_name: str, config: EdoraConfig, layer_seed: int, dtype: torch.dtype) -> None:
+    def _init_from_base(self, adapter_name: str, config: EdoraConfig, layer_seed: int, dtype: torch.dtype,
+                        svd_here: bool = True) -> None:
+        """SVD init from W0. svd_here=False (another rank's share under ZeRO-3): A, B and P stay zero until
+        `broadcast_factors` fills them from the rank that computed them; m, R and the row norms are local."""
         w0 = self._base_weight_fp32()
         if not torch.isfinite(w0).all():
             raise ValueError(f"the base weight of this layer [{self.out_features}, {self.in_features}] has NaN/Inf "
                              "values; EDoRA cannot factorise it (check the checkpoint or its dtype)")
         r = config.r
         w2 = (w0 * w0).sum(dim=1)
+        gen = torch.Generator(device="cpu").manual_seed(layer_seed)
+        r_init = torch.randn(r, r, generator=gen) * config.init_sigma
+        if not svd_here:
+            zeros = dict(a=torch.zeros(r, self.in_features), b=torch.zeros(self.out_features, r),
+                         p=torch.zeros(self.out_features, r))
+            self._set_tensors(adapter_name, w0.device, dtype, w2=w2, r_init=r_init, m=w2.sqrt(), **zeros)
+            return
         target = w0
         if config.svd_target == "direction":
             target = w0 / w2.sqrt().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
@@ -168,8 +178,6 @@ class EdoraLayer(BaseTunerLayer):
             raise ValueError("the SVD of this layer's weight returned NaN/Inf; try svd_method='exact'")
         b = u                      # [out, r]
         a = s[:, None] * vh        # [r, in]: Σ folded into A (LoRA-XS convention, the authors' code)
-        gen = torch.Generator(device="cpu").manual_seed(layer_seed)
-        r_init = torch.randn(r, r, generator=gen) * config.init_sigma
         p = w0 @ a.T
         self._set_tensors(adapter_name, w0.device, dtype, a=a, b=b, w2=w2, p=p, r_init=r_init, m=w2.sqrt())
 
@@ -187,6 +195,18 @@ class EdoraLayer(BaseTunerLayer):
         self.edora_R[name] = nn.Parameter(put(r_init))
         if self.use_magnitude[name]:
             self.edora_magnitude[name] = nn.Parameter(put(m))
+
+    @torch.no_grad()
+    def broadcast_factors(self, name: str, src: int) -> None:
+        """Receive (or send, on rank `src`) A, B and P, computed by one rank, then derive G locally."""
+        import torch.distributed as dist
+
+        for store in (self.edora_A, self.edora_B, self.edora_P):
+            t = store[name].contiguous()
+            dist.broadcast(t, src=src)
+            store[name] = t
+        a32 = self.edora_A[name].float()
+        self.edora_G[name] = a32 @ a32.T
 
     # ---- loading: recompute derived terms and check the base ----------------------------------------------------
 
@@ -294,11 +314,11 @@ class Linear(nn.Module, EdoraLayer):
     """EDoRA on a dense (or bitsandbytes-quantized) linear layer."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: EdoraConfig, layer_seed: int = 0,
-                 **kwargs) -> None:
+                 svd_here: bool = True, **kwargs) -> None:
         super().__init__()
         EdoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, layer_seed=layer_seed)
+        self.update_layer(adapter_name, config, layer_seed=layer_seed, svd_here=svd_here)
         self._register_load_state_dict_pre_hook(self._edora_load_pre_hook)
         self.register_load_state_dict_post_hook(self._edora_load_post_hook)
 
