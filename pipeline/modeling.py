@@ -66,4 +66,11 @@ def load_model(spec: str, dtype: str = "bfloat16", attn_implementation: str | No
     if device_map is not None:
         kwargs["device_map"] = device_map
     logger.info("loading model %s (%s)", spec, dtype)
-    return AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    if src.gguf_file:
+        # transformers dequantizes GGUF weights into plain tensors at load but keeps a GGUF "quantizer" marker,
+        # which makes the Trainer refuse to train and save_pretrained refuse to save. The weights are ordinary.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
+    return model

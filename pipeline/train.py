@@ -121,6 +121,9 @@ def train(recipe, resume: bool = False):
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
     adapter_dir = run_dir / ADAPTER_DIR
+    # PEFT records the model's directory; keep the recipe's exact base (a .gguf file, a pkg:// path) for the merge
+    for cfg in getattr(trainer.model, "peft_config", {}).values():
+        cfg.base_model_name_or_path = recipe.model.name_or_path
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir)

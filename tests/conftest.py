@@ -50,10 +50,7 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     tmp = cache.with_suffix(".tmp")
     model = load_model(str(smollm2_gguf), dtype="float32")
     tok = load_tokenizer(str(smollm2_gguf))
-    # the weights are already dequantized to fp32; drop the GGUF "quantizer" so save_pretrained writes them
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # (load_model drops the GGUF marker: the weights are plain fp32)
     tok.save_pretrained(tmp)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
