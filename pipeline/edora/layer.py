@@ -4,9 +4,9 @@ Forward, per adapted layer, with s = lora_alpha / r:
 
     y = (m / n) ⊙ (x W0ᵀ + s·(x Aᵀ)(B R)ᵀ) + bias,   n_i = ||(W0 + s·B R A)[i, :]||  (detached, DoRA §4.3)
 
-computed as `addmm(base_out · (m/n), x Aᵀ, (s·(m/n) ⊙ B R)ᵀ)`: the base layer's output is reused (no second base
-matmul unless dropout is active) and `W0 + s·B R A` is never built. The row norm comes from terms precomputed once
-from W0 (P = W0 Aᵀ, G = A Aᵀ, w_i² = ||W0[i, :]||²):
+computed by `ops.EdoraLinearAdapter` (one autograd node): the base layer's output is reused (no second base matmul
+unless dropout is active) and `W0 + s·B R A` is never built. The row norm comes from terms precomputed once from W0
+(P = W0 Aᵀ, G = A Aᵀ, w_i² = ||W0[i, :]||²):
 
     n_i² = w_i² + 2s·Σ_j P_ij (BR)_ij + s²·Σ_j ((BR) G)_ij (BR)_ij
 
@@ -139,8 +139,7 @@ class EdoraLayer(BaseTunerLayer):
 
     def _base_weight_fp32(self) -> torch.Tensor:
         """W0 as a fresh fp32 tensor: dequantized for 4-bit layers, gathered under ZeRO-3."""
-        base = self.get_base_layer()
-        _unpack_bnb_cpu_weight(base)
+        base = self.get_base_layer()  # (bnb's CPU repacking was switched off in __init__)
         with gather_params_ctx(base.weight, modifier_rank=None):
             if self.quantization_backend is not None:
                 w = self.quantization_backend.get_base_weight(base)
@@ -242,12 +241,6 @@ class EdoraLayer(BaseTunerLayer):
             self.edora_G[name] = (a32 @ a32.T).to(dev)
 
     # ---- math -----------------------------------------------------------------------------------------------------
-
-    def row_norm(self, name: str) -> torch.Tensor:
-        """n = ||W0 + s·B R A||_row (fp32, detached) from the factored terms."""
-        br = self.edora_B[name].float() @ self.edora_R[name].float()
-        return factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br,
-                                 self.scaling[name])
 
     @torch.no_grad()
     def merged_weight(self, name: str, w0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,11 +16,11 @@ def factored_row_norm(w2: torch.Tensor, p: torch.Tensor, g: torch.Tensor, br: to
     """n_i = ||(W0 + s·B R A)[i, :]|| from w2 = ||W0_i||², P = W0 Aᵀ, G = A Aᵀ and BR = B R (fp32, detached):
 
     n_i² = w2_i + Σ_j BR_ij · (2s·P + s²·BR G)_ij
+
+    The layers store w2 clamped above 0, so n > 0 even for an all-zero weight row.
     """
     t = torch.addmm(p, br, g, beta=2.0 * s, alpha=s * s)
-    n2 = torch.linalg.vecdot(br, t, dim=1).add_(w2)
-    # rounding can push n2 a hair below 0 only for all-zero rows; clamp so sqrt stays finite
-    return n2.clamp_min_(torch.finfo(n2.dtype).tiny).sqrt_()
+    return torch.linalg.vecdot(br, t, dim=1).add_(w2).sqrt_()
 
 
 class MagnitudeLowRank(torch.autograd.Function):
@@ -75,9 +75,8 @@ class EdoraLinearAdapter(torch.autograd.Function):
         with torch.autocast(device_type=base.device.type, enabled=False):
             xa = torch.mm(x, a_c.T)
             br = torch.mm(b, r_mat)
-            t = torch.addmm(p, br, g, beta=2.0 * s, alpha=s * s)
             # m / sqrt(..), not m * rsqrt(..): with R = 0 this is exactly m / sqrt(w2) = 1, so W' = W0 bit for bit
-            n = torch.linalg.vecdot(br, t, dim=1).add_(w2).sqrt_()
+            n = factored_row_norm(w2, p, g, br, s)
             scale_c = (m / n).to(cdt)
             br_c = br.to(cdt)
             pre = torch.addmm(base, xa, br_c.T, alpha=s)
