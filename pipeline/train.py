@@ -102,7 +102,6 @@ def train(recipe, resume: bool = False):
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
 
     peft_config = build_peft_config(recipe.adapter)
-    peft_config.base_model_name_or_path = recipe.model.name_or_path
     is_edora = recipe.adapter.method in ("edora", "loraxs")
     if is_edora and zero3 and quant is None and recipe.model.dtype != "float32":
         # ZeRO-3 all-gathers small (persistent) parameters in one buffer of one dtype: fp32 R and m beside bf16
@@ -173,7 +172,7 @@ def log_trainable(model) -> None:
 
 
 def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
-    from pipeline.edora.loader import CARD_NOTE
+    from pipeline.edora.loader import add_card_note
 
     tokenizer.save_pretrained(adapter_dir)
     m = recipe.model
@@ -193,9 +192,7 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
     }
     (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     if recipe.adapter.method in ("edora", "loraxs"):
-        card = adapter_dir / "README.md"
-        text = card.read_text() if card.exists() else ""
-        card.write_text(text + CARD_NOTE.format(path=adapter_dir))
+        add_card_note(adapter_dir)
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
     logger.info("adapter saved to %s; merge it with: python -m pipeline merge --adapter %s", adapter_dir, adapter_dir)

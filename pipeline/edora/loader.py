@@ -57,12 +57,17 @@ To serve it (vLLM cannot load EDoRA adapters), merge it: `python -m pipeline mer
 """
 
 
+def add_card_note(adapter_dir: str | Path) -> None:
+    """Append to the adapter's model card (PEFT's README.md) how to load an EDoRA adapter; idempotent."""
+    card = Path(adapter_dir) / "README.md"
+    text = card.read_text() if card.exists() else ""
+    if "How to load this EDoRA adapter" not in text:
+        card.write_text(text + CARD_NOTE.format(path=adapter_dir))
+
+
 def save_adapter(model, adapter_dir: str | Path, **kwargs) -> Path:
     """`model.save_pretrained` plus a model card that says how to load an EDoRA adapter."""
     adapter_dir = Path(adapter_dir)
     model.save_pretrained(str(adapter_dir), **kwargs)
-    card = adapter_dir / "README.md"
-    text = card.read_text() if card.exists() else ""
-    if "How to load this EDoRA adapter" not in text:
-        card.write_text(text + CARD_NOTE.format(path=adapter_dir))
+    add_card_note(adapter_dir)
     return adapter_dir
