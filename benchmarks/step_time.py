@@ -13,6 +13,7 @@ Markdown table and the PNG from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -72,11 +73,29 @@ def add_adapter(model, variant: str, r: int):
         return model
     if variant in ("lora", "dora"):
         cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS, use_dora=variant == "dora")
-    elif variant in ("edora", "loraxs"):
-        cfg = EdoraConfig(r=r, target_modules=TARGETS, use_magnitude=variant == "edora")
+    elif variant in ("edora", "edora-perlayer", "edora-nofuse", "loraxs"):
+        cfg = EdoraConfig(r=r, target_modules=TARGETS, use_magnitude=variant != "loraxs")
     else:
         raise ValueError(variant)
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    if variant == "edora-perlayer":  # the per-layer fused op only (the code before the batched step terms)
+        model.base_model.batch_step_terms = False
+    return model
+
+
+class _NoBaseFusion:
+    """For the 'edora-nofuse' variant: batched step terms, but the base matmul in its own node (as on a 4-bit base)."""
+
+    def __enter__(self):
+        from pipeline.edora.layer import Linear
+
+        self.orig = Linear.__dict__["_plain_base"]
+        Linear._plain_base = staticmethod(lambda *a: False)
+
+    def __exit__(self, *exc):
+        from pipeline.edora.layer import Linear
+
+        Linear._plain_base = self.orig
 
 
 def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool, compile_: bool,
@@ -84,7 +103,9 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     row = dict(variant=variant, r=r, layers=layers, batch=batch, seq=seq, base="nf4" if quant else "bf16",
                mode="compile" if compile_ else "eager")
     model = None
+    nofuse = _NoBaseFusion() if variant == "edora-nofuse" else contextlib.nullcontext()
     try:
+        nofuse.__enter__()
         model = add_adapter(build_model(layers, quant), variant, r)
         params = [p for p in model.parameters() if p.requires_grad]
         row["trainable_params"] = sum(p.numel() for p in params)
@@ -122,6 +143,7 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     except Exception as e:  # a variant that fails (e.g. does not compile) is recorded, the rest still run
         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
+        nofuse.__exit__(None, None, None)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -153,12 +175,15 @@ def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(f"== {variant}{' (compiled)' if compile_ else ''}: top CUDA kernels over 3 steps ==")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    text = (f"== {variant}{' (compiled)' if compile_ else ''}: top CUDA kernels over 3 steps ==\n"
+            + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(text)
+    return text
 
 
 def grid(name: str):
     v4 = ["floor", "lora", "dora", "edora"]
+    v5 = v4 + ["edora-perlayer"]
     if name == "eager":
         for layers in (8, 32):
             for batch in (2, 8):
@@ -174,10 +199,14 @@ def grid(name: str):
         for v in ["floor", "lora", "edora"]:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
     elif name == "4bit":
-        for v in v4:
+        for v in v5:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=True, compile_=False)
+    elif name == "4bit-grid":
+        for layers, batch, r in [(8, 2, 16), (8, 8, 64), (32, 2, 64)]:
+            for v in v4:
+                yield dict(variant=v, r=r, layers=layers, batch=batch, quant=True, compile_=False)
     elif name == "target":  # the configuration the issue's targets are stated for
-        for v in v4:
+        for v in v5 + ["edora-nofuse"]:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=False)
     else:
         raise ValueError(name)
@@ -197,11 +226,23 @@ def main() -> None:
     ap.add_argument("--grid", default="target", help="target | eager | compile | 4bit, comma-separated")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new rows after this many seconds")
-    ap.add_argument("--profile", default=None, help="print the top CUDA kernels of one variant (r=64, 8 layers)")
+    ap.add_argument("--profile", default=None, help="print the top CUDA kernels of these variants (comma-separated; "
+                    "r=64, 8 layers)")
     ap.add_argument("--profile-compiled", action="store_true", help="profile the torch.compile'd model")
+    ap.add_argument("--code", default="", help="the commit measured (recorded in each row)")
+    ap.add_argument("--profile-out", default=None, help="write the profile table to this file")
     args = ap.parse_args()
     if args.profile:
-        return profile(args.profile, args.seq, compile_=args.profile_compiled)
+        for variant in args.profile.split(","):
+            text = profile(variant, args.seq, compile_=args.profile_compiled)
+            if args.profile_out:
+                mode = "compiled" if args.profile_compiled else "eager"
+                path = Path(args.profile_out) / f"{variant}_{mode}_{args.code or 'local'}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            gc.collect()
+            torch.cuda.empty_cache()
+        return
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"runs": []}
     data.setdefault("environment", environment())
@@ -213,7 +254,7 @@ def main() -> None:
                 print("time budget reached; stopping", flush=True)
                 break
             row = measure(seq=args.seq, **spec)
-            row["grid"] = name
+            row.update(grid=name, code=args.code, command=" ".join(["python", "benchmarks/step_time.py"] + sys.argv[1:]))
             print(json.dumps(row), flush=True)
             data["runs"].append(row)
             out.write_text(json.dumps(data, indent=1))

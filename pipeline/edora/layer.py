@@ -29,7 +29,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .config import EdoraConfig
-from .ops import EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm
+from .ops import EdoraApply, EdoraApplyLinear, EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm
 from .svd import truncated_svd
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -97,6 +97,8 @@ class EdoraLayer(BaseTunerLayer):
         self._refresh_on_load: set[str] = set()
         self._merge_norms: dict[str, torch.Tensor] = {}  # n used by merge(), needed to unmerge exactly
         self._a_cache: dict = {}  # A in the compute dtype: A is frozen, so cast it once, not every step
+        self._edora_step = None  # this step's batched terms (step_terms.py), set by the EdoraModel hook
+        self._edora_cdt: Optional[torch.dtype] = None  # compute dtype seen by the last forward
         base = self.get_base_layer()
         _unpack_bnb_cpu_weight(base)
         if isinstance(base, nn.Linear) or self.quantization_backend is not None:
@@ -263,7 +265,7 @@ class EdoraLayer(BaseTunerLayer):
         return hit[1]
 
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
-        cdt = base_out.dtype
+        cdt = self._edora_cdt = base_out.dtype
         dropout = self.edora_dropout[name]
         if (self.use_magnitude[name] and self.get_base_layer().bias is None
                 and (isinstance(dropout, nn.Identity) or not self.training)):
@@ -349,6 +351,13 @@ class Linear(nn.Module, EdoraLayer):
             else:
                 self.get_base_layer().weight.data = w.to(self.get_base_layer().weight.dtype)
 
+    @staticmethod
+    def _plain_base(base: nn.Module, x: torch.Tensor, cdt: torch.dtype) -> bool:
+        # the base matmul can join the adapter's node when nothing hooks or replaces the Linear's forward
+        return (type(base) is nn.Linear and x.dtype == cdt and base.weight.dtype == cdt
+                and not base.weight.requires_grad and not base._forward_hooks and not base._forward_pre_hooks
+                and "forward" not in base.__dict__ and not torch.is_autocast_enabled(x.device.type))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -356,9 +365,27 @@ class Linear(nn.Module, EdoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
+        step = self._edora_step
+        if step is not None and torch.is_grad_enabled() and step.usable() and not torch.compiler.is_compiling():
+            # training fast path: B R, n and m / n of this layer were computed with all the others (step_terms.py)
+            base, cdt = self.base_layer, step.cdt
+            a_c = self._a_in(step.name, cdt)
+            if self._plain_base(base, x, cdt) and not args and not kwargs:
+                y = EdoraApplyLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, a_c, step.br_s, step.scale,
+                                           step.scale_c)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            result = base(x, *args, **kwargs)
+            if self.quantization_backend is not None:
+                result = self.quantization_backend.maybe_clone_base_result(result)
+            if result.dtype == cdt:
+                shape = result.shape
+                y = EdoraApply.apply(x.reshape(-1, x.shape[-1]).to(cdt), result.reshape(-1, shape[-1]), a_c,
+                                     step.br_s, step.scale, step.scale_c)
+                return y.view(shape)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            if self.quantization_backend is not None:
+                result = self.quantization_backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if name in self.edora_R:
                 result = self._edora_output(x, result, name)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import EdoraConfig
 from .layer import EdoraLayer, Linear, layer_seed
+from .step_terms import StepTermsCache
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +82,39 @@ class EdoraModel(BaseTuner):
             self._pending_broadcast.append((target, owner))
         self._progress.update(1)
 
+    @property
+    def batch_step_terms(self) -> bool:
+        """Training fast path on (default): each step's per-layer terms are computed for all layers at once."""
+        return self._step_terms.enabled
+
+    @batch_step_terms.setter
+    def batch_step_terms(self, value: bool) -> None:
+        self._step_terms.enabled = bool(value)
+
+    def _prepare_step_terms(self, module: nn.Module, args) -> None:
+        self._step_terms.prepare(self.model, self.active_adapters)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self._step_terms_hook.remove()  # the plain model left behind needs no EDoRA hook
+        self._step_terms.invalidate()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._step_terms.invalidate()
+        super().delete_adapter(adapter_name)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # called for the first adapter and by add_adapter: set-up and broadcast live here, not in the hooks
+        if "_step_terms" not in self.__dict__:
+            # on the wrapped model: PeftModel calls it directly when no task_type is set, bypassing this module
+            self._step_terms = StepTermsCache()
+            self._step_terms_hook = model.register_forward_pre_hook(self._prepare_step_terms)
         config = self.peft_config[adapter_name]
         self._begin_injection(model, config)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             self._end_injection(config, adapter_name)
+            self._step_terms.invalidate()
         except ValueError as e:
             if "not found in the base model" not in str(e):
                 raise

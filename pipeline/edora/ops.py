@@ -8,6 +8,8 @@ autograd node with a hand-written backward (checked with gradcheck in tests/test
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -18,9 +20,13 @@ def factored_row_norm(w2: torch.Tensor, p: torch.Tensor, g: torch.Tensor, br: to
     n_i² = w2_i + Σ_j BR_ij · (2s·P + s²·BR G)_ij
 
     The layers store w2 clamped above 0, so n > 0 even for an all-zero weight row.
+    Also batched: w2 `[L, out]`, p and br `[L, out, r]`, g `[L, r, r]`.
     """
-    t = torch.addmm(p, br, g, beta=2.0 * s, alpha=s * s)
-    return torch.linalg.vecdot(br, t, dim=1).add_(w2).sqrt_()
+    if br.dim() == 3:
+        t = torch.baddbmm(p, br, g, beta=2.0 * s, alpha=s * s)
+    else:
+        t = torch.addmm(p, br, g, beta=2.0 * s, alpha=s * s)
+    return torch.linalg.vecdot(br, t, dim=-1).add_(w2).sqrt_()
 
 
 class MagnitudeLowRank(torch.autograd.Function):
@@ -100,3 +106,95 @@ class EdoraLinearAdapter(torch.autograd.Function):
             g_br = torch.mm(g_pre.T, xa).to(b.dtype)
             g_r = torch.mm(b.T, g_br) if s == 1.0 else torch.mm(b.T, g_br).mul_(s)
         return g_x, g_pre, None, None, g_r, g_m, None, None, None, None
+
+
+def _autocast_off(t: torch.Tensor):
+    # the adapter arithmetic picks its dtypes itself; entering a context costs host time, so only when needed
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class EdoraStepTerms(torch.autograd.Function):
+    """The parameter-side terms of L layers of the same shape, batched (the training fast path, see step_terms.py):
+
+        BR_s = s · B R  (compute dtype),   scale = m / n  (fp32; n detached),   scale_c = scale in the compute dtype
+
+    r `[L, r, r]`, m `[L, out]`, b and p `[L, out, r]`, g `[L, r, r]`, w2 `[L, out]`, all fp32. Gradients flow to r
+    and m: dR = s · Bᵀ dBR_s and dm = dscale / n.
+    """
+
+    @staticmethod
+    def forward(ctx, r, m, b, p, g, w2, s, cdt, live):
+        with _autocast_off(r):
+            br = torch.bmm(b, r)
+            n = factored_row_norm(w2, p, g, br, s)
+            scale = m / n  # m / sqrt(..): exactly 1 at R = 0, as in the per-layer op
+            br_s = br.mul_(s).to(cdt) if s != 1.0 else br.to(cdt)
+            # a distinct tensor even when cdt is fp32: one tensor returned twice would share its gradient
+            scale_c = scale.to(cdt) if cdt != scale.dtype else scale.detach()
+        ctx.mark_non_differentiable(scale_c)
+        ctx.save_for_backward(b, n)
+        ctx.s, ctx.live = s, live
+        return br_s, scale, scale_c
+
+    @staticmethod
+    def backward(ctx, g_br_s, g_scale, _):
+        b, n = ctx.saved_tensors
+        ctx.live[0] = False  # this pass's terms are spent: a later forward must not reuse them
+        g_r = torch.bmm(b.transpose(1, 2), g_br_s.to(b.dtype))
+        if ctx.s != 1.0:
+            g_r.mul_(ctx.s)
+        return g_r, g_scale / n, None, None, None, None, None, None, None
+
+
+class EdoraApply(torch.autograd.Function):
+    """One layer's share of the fast path: y = scale ⊙ (base + (x Aᵀ) BR_sᵀ), with BR_s and scale from
+    EdoraStepTerms. 3 kernels forward, 6 backward. `scale` (fp32) only carries the gradient of m; `scale_c` (compute
+    dtype, no gradient) is what multiplies. Gradients flow to x, base, br_s and scale.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, a_c, br_s, scale, scale_c):
+        with _autocast_off(base):
+            xa = torch.mm(x, a_c.T)
+            pre = torch.addmm(base, xa, br_s.T)
+            y = pre * scale_c
+        ctx.save_for_backward(xa, a_c, br_s, pre, scale_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, a_c, br_s, pre, scale_c = ctx.saved_tensors
+        g_pre = gy * scale_c
+        # the sum over tokens accumulates in fp32 whatever the compute dtype, as in the per-layer op
+        g_scale = (gy * pre).sum(0, dtype=torch.float32) if ctx.needs_input_grad[4] else None
+        g_x = torch.mm(torch.mm(g_pre, br_s), a_c) if ctx.needs_input_grad[0] else None
+        g_br = torch.mm(g_pre.T, xa) if ctx.needs_input_grad[3] else None
+        return g_x, g_pre, None, g_br, g_scale, None
+
+
+class EdoraApplyLinear(torch.autograd.Function):
+    """EdoraApply for a plain bias-free nn.Linear base, with the base matmul inside the same node:
+    y = scale ⊙ (x W0ᵀ + (x Aᵀ) BR_sᵀ). Saves the separate base autograd node and the sum of the two input
+    gradients (dx = dpre W0 + (dpre BR_s) A is one addmm). W0 gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, a_c, br_s, scale, scale_c):
+        with _autocast_off(x):
+            pre = torch.mm(x, w0.T)
+            xa = torch.mm(x, a_c.T)
+            pre.addmm_(xa, br_s.T)
+            y = pre * scale_c
+        ctx.save_for_backward(xa, w0, a_c, br_s, pre, scale_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xa, w0, a_c, br_s, pre, scale_c = ctx.saved_tensors
+        g_pre = gy * scale_c
+        g_scale = (gy * pre).sum(0, dtype=torch.float32) if ctx.needs_input_grad[4] else None
+        g_x = torch.mm(torch.mm(g_pre, br_s), a_c).addmm_(g_pre, w0) if ctx.needs_input_grad[0] else None
+        g_br = torch.mm(g_pre.T, xa) if ctx.needs_input_grad[3] else None
+        return g_x, None, None, g_br, g_scale, None

@@ -73,3 +73,59 @@ def test_torch_compile_gives_the_eager_result():
     compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     compiled.sum().backward()
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_fast_path_trains_like_the_per_layer_path_on_cuda(quant):
+    """Batched step terms (+ fused base matmul on bf16) vs the per-layer op: same losses and updates, 3 AdamW steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.edora import ops
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    calls = {"terms": 0}
+    orig = ops.EdoraStepTerms.forward
+
+    def counted(*a):
+        calls["terms"] += 1
+        return orig(*a)
+
+    ops.EdoraStepTerms.forward = staticmethod(counted)
+    ids = torch.randint(0, 512, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    out = {}
+    try:
+        for fast in (False, True):
+            torch.manual_seed(0)
+            base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+            if quant:
+                bnb = pytest.importorskip("bitsandbytes")
+                for layer in base.model.layers:
+                    for parent in (layer.self_attn, layer.mlp):
+                        for name in targets:
+                            lin = getattr(parent, name, None)
+                            if lin is None:
+                                continue
+                            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                                  compute_dtype=torch.bfloat16, quant_type="nf4")
+                            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                            setattr(parent, name, q.cuda())
+            model = get_peft_model(base, EdoraConfig(r=16, target_modules=targets, seed=0))
+            model.base_model.batch_step_terms = fast
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            losses = []
+            for _ in range(3):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            out[fast] = (losses, {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad})
+    finally:
+        ops.EdoraStepTerms.forward = staticmethod(orig)
+    assert calls["terms"] > 0
+    torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-2, atol=0)
+    for n, p in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], p, rtol=1e-2, atol=1e-3)

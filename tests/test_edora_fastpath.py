@@ -1,0 +1,240 @@
+"""The training fast path (pipeline/edora/step_terms.py): per-step terms of all layers batched, base matmul fused.
+
+It must compute what the per-layer path computes (which test_edora_math pins to the paper's formula), and step
+aside wherever it cannot: eval, no_grad, reentrant checkpointing, merged or disabled adapters, stale terms.
+"""
+
+import pytest
+import torch
+from helpers import ALL_LINEAR, tiny_llama
+from peft import get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from pipeline.edora import EdoraConfig, Linear, ops
+
+
+def edora_layers(model):
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def build(fast=True, dtype=torch.float32, seed=0, **cfg):
+    model = get_peft_model(tiny_llama(seed=0, dtype=dtype),
+                           EdoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, seed=0, **cfg))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in edora_layers(model):
+            R, m = layer.edora_R["default"], layer.edora_magnitude["default"]
+            R.copy_(torch.randn(R.shape, generator=g) * 0.1)
+            m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g))
+    model.base_model.batch_step_terms = fast
+    model.train()
+    return model
+
+
+@pytest.fixture
+def count_ops(monkeypatch):
+    """How often each autograd op ran (forward), to tell which path a step took."""
+    calls = {"per_layer": 0, "apply": 0, "apply_linear": 0, "terms": 0}
+    for key, cls in [("per_layer", ops.EdoraLinearAdapter), ("apply", ops.EdoraApply),
+                     ("apply_linear", ops.EdoraApplyLinear), ("terms", ops.EdoraStepTerms)]:
+        orig = cls.forward
+
+        def counted(*a, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(*a)
+        monkeypatch.setattr(cls, "forward", staticmethod(counted))
+    return calls
+
+
+def train(model, steps=3, ids=None, accumulate=1):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)) if ids is None else ids
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        for k in range(accumulate):
+            loss = model(input_ids=ids[k::accumulate], labels=ids[k::accumulate]).loss
+            (loss / accumulate).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_single_layer_gradients_equal_the_dense_formula(count_ops):
+    # reference: W' = (m / n) ⊙ (W0 + s B R A) built densely, n the direct row norm, detached (DoRA §4.3)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 24, bias=False))
+    w0 = net[0].weight.detach().clone()
+    model = get_peft_model(net, EdoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.edora_R["default"].normal_(0, 0.1)
+        layer.edora_magnitude["default"].mul_(1.1)
+    model.train()
+    x = torch.randn(3, 6, 32)
+    target = torch.randn(3, 6, 24)
+    model(x).sum().backward()  # first step: per-layer path, learns the compute dtype
+    model.zero_grad()
+    assert count_ops["per_layer"] == 1 and count_ops["terms"] == 0
+    xg = x.clone().requires_grad_()
+    ((model(xg) - target) ** 2).mean().backward()
+    assert count_ops["terms"] == 1 and count_ops["apply_linear"] == 1 and count_ops["per_layer"] == 1
+
+    A, B = layer.edora_A["default"], layer.edora_B["default"]
+    R = layer.edora_R["default"].detach().clone().requires_grad_()
+    m = layer.edora_magnitude["default"].detach().clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    w = w0 + 2.0 * B @ R @ A
+    n = torch.linalg.vector_norm(w, dim=1).detach()
+    ((x2 @ ((m / n)[:, None] * w).T - target) ** 2).mean().backward()
+    torch.testing.assert_close(layer.edora_R["default"].grad, R.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(layer.edora_magnitude["default"].grad, m.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(xg.grad, x2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_training_equals_the_per_layer_path_fp32(count_ops):
+    slow, fast = build(fast=False), build(fast=True)
+    loss_slow = train(slow, steps=4, accumulate=2)
+    per_layer_calls = count_ops["per_layer"]
+    assert per_layer_calls == 4 * 2 * 14 and count_ops["terms"] == 0
+    loss_fast = train(fast, steps=4, accumulate=2)
+    # the first micro-step learns the compute dtype on the per-layer path; the other 7 are batched (3 shape groups)
+    assert count_ops["per_layer"] == per_layer_calls + 14
+    assert count_ops["terms"] == 7 * 3 and count_ops["apply_linear"] == 7 * 14
+    torch.testing.assert_close(torch.tensor(loss_fast), torch.tensor(loss_slow), rtol=1e-6, atol=0)
+    ps, pf = trainable(slow), trainable(fast)
+    assert ps.keys() == pf.keys() and all(k.rsplit(".", 2)[-2] in ("edora_R", "edora_magnitude") for k in ps)
+    for k in ps:
+        torch.testing.assert_close(pf[k], ps[k], rtol=1e-5, atol=1e-7)
+
+
+def test_training_equals_the_per_layer_path_bf16():
+    slow, fast = build(fast=False, dtype=torch.bfloat16), build(fast=True, dtype=torch.bfloat16)
+    loss_slow, loss_fast = train(slow, steps=3), train(fast, steps=3)
+    assert any(layer._edora_step is not None for layer in edora_layers(fast))
+    torch.testing.assert_close(torch.tensor(loss_fast), torch.tensor(loss_slow), rtol=2e-2, atol=0)
+    ps, pf = trainable(slow), trainable(fast)
+    for k in ps:
+        assert pf[k].dtype == torch.float32  # R and m stay fp32 on a bf16 base
+        torch.testing.assert_close(pf[k], ps[k], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(count_ops, reentrant):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = build(fast=False)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    model = build(fast=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for _ in range(2):
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+    # reentrant checkpointing would run the shared terms' backward once per layer: the fast path steps aside
+    assert (count_ops["terms"] > 0) is (not reentrant)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_steps_aside_for_eval_no_grad_stale_terms_merged_and_disabled(count_ops):
+    model = build(fast=True)
+    train(model, steps=2)
+    layer = edora_layers(model)[0]
+    x = torch.randn(3, layer.in_features)
+    terms_before = count_ops["terms"]
+    # after backward the terms are spent: a direct call to a layer runs the per-layer path
+    before = count_ops["per_layer"]
+    layer(x).sum().backward()
+    assert count_ops["per_layer"] == before + 1
+    ids = torch.randint(0, 128, (1, 8))
+    for ctx in ("eval", "no_grad", "merged", "disabled"):
+        model.train()
+        if ctx == "eval":
+            model.eval()
+        before = count_ops["per_layer"]
+        if ctx == "merged":
+            model.merge_adapter()
+        if ctx == "disabled":
+            with model.disable_adapter():
+                model(input_ids=ids)
+        elif ctx == "no_grad":
+            with torch.no_grad():
+                model(input_ids=ids)
+        else:
+            model(input_ids=ids)
+        if ctx == "merged":
+            model.unmerge_adapter()
+        assert count_ops["terms"] == terms_before, ctx
+        assert count_ops["per_layer"] == before + (0 if ctx in ("merged", "disabled") else 14), ctx
+    # terms computed before an in-place change of R are not reused
+    model.train()
+    model(input_ids=ids)
+    with torch.no_grad():
+        layer.edora_R["default"].add_(0.01)
+    before = count_ops["per_layer"]
+    layer(x)
+    assert count_ops["per_layer"] == before + 1
+
+
+def test_save_and_reload_after_fast_training(tmp_path):
+    model = build(fast=True)
+    model.save_pretrained(tmp_path / "before")
+    train(model, steps=3)
+    layers = edora_layers(model)
+    # the frozen buffers are views of the group stacks now; the saved adapter holds each layer's own slice
+    assert layers[0].edora_B["default"]._base is not None
+    model.save_pretrained(tmp_path / "adapter")
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size == (tmp_path / "before" / "adapter_model.safetensors").stat().st_size
+    model.eval()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    from pipeline.edora import load_edora_adapter
+
+    reloaded = load_edora_adapter(tiny_llama(seed=0), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def test_loading_weights_into_a_model_that_trained_fast_is_seen_by_the_next_step(count_ops):
+    donor = build(fast=False, seed=5)
+    state = get_peft_model_state_dict(donor)
+    model = build(fast=True)
+    train(model, steps=2)
+    set_peft_model_state_dict(model, state)  # copies into the views: the stacks see the new values
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    terms = count_ops["terms"]
+    got = model(input_ids=ids, labels=ids).loss
+    assert count_ops["terms"] == terms + 3
+    want = donor(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # replacing buffers (here by moving to another dtype and back) breaks the views: the groups are rebuilt
+    model.to(torch.float64).to(torch.float32)
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want, rtol=1e-6, atol=0)
+
+
+def test_4bit_base_uses_the_batched_terms_with_its_own_matmul(tmp_path, count_ops):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    params = {}
+    for fast in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qcfg, device_map="cpu")
+        model = get_peft_model(base, EdoraConfig(r=4, target_modules=ALL_LINEAR, seed=0))
+        model.base_model.batch_step_terms = fast
+        model.train()
+        train(model, steps=3)
+        params[fast] = trainable(model)
+    assert count_ops["apply"] == 2 * 14 and count_ops["apply_linear"] == 0  # bnb's matmul stays bnb's
+    for k in params[False]:
+        torch.testing.assert_close(params[True][k], params[False][k], rtol=1e-5, atol=1e-7)
