@@ -48,7 +48,8 @@ def build_checkpoint(path: Path, tokenizer_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def run(name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, nproc: int) -> dict:
+def run(name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, nproc: int,
+        cprofile: bool = False) -> dict:
     recipe, accel, _ = RUNS[name]
     overrides = [f"--name=m7b-{name}", f"--output_dir={out / 'runs'}", f"--model.name_or_path={ckpt}",
                  f"--data.source={data}", "--data.format=gsm8k", "--data.split=train[:2000]",
@@ -58,6 +59,9 @@ def run(name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, np
     if accel:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accel, "--num_processes",
                str(nproc), "-m", "pipeline", "train", recipe, *overrides]
+    elif cprofile:  # host-side hot spots of the whole run, for pstats
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(out / f"{name}.prof"), "-m", "pipeline", "train", recipe,
+               *overrides]
     else:
         cmd = [sys.executable, "-m", "pipeline", "train", recipe, *overrides]
     t = time.time()
@@ -92,6 +96,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--cprofile", action="store_true", help="run the non-launcher runs under cProfile (OUT/NAME.prof)")
+    ap.add_argument("--code", default="", help="the commit measured (recorded in the JSON)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,9 +106,11 @@ def main():
     import torch
 
     result = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-              "checkpoint_build_s": round(time.time() - t, 1), "settings": vars(args), "runs": []}
+              "checkpoint_build_s": round(time.time() - t, 1), "settings": vars(args), "code": args.code,
+              "runs": []}
     for name in args.runs.split(","):
-        row = run(name, Path(args.ckpt), Path(args.data).resolve(), out, args.steps, args.accum, args.nproc)
+        row = run(name, Path(args.ckpt), Path(args.data).resolve(), out, args.steps, args.accum, args.nproc,
+                  args.cprofile)
         print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
         result["runs"].append(row)
         (out / "train_7b_shape.json").write_text(json.dumps(result, indent=1))
