@@ -103,6 +103,7 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     row = dict(variant=variant, r=r, layers=layers, batch=batch, seq=seq, base="nf4" if quant else "bf16",
                mode="compile" if compile_ else "eager")
     model = None
+    row["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # > 0: an earlier variant leaked
     nofuse = _NoBaseFusion() if variant == "edora-nofuse" else contextlib.nullcontext()
     try:
         nofuse.__enter__()
@@ -144,6 +145,9 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
         nofuse.__exit__(None, None, None)
+        if model is not None:  # drop this step's EDoRA terms explicitly so the next variant starts from zero
+            for mod in model.modules():
+                mod.__dict__.pop("_edora_step", None)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ RUNS = {
     "zero3": ("recipes/mistral-7b/edora-metamathqa.yaml", "recipes/accelerate/zero3.yaml", None),
     "nf4": ("recipes/mistral-7b/qedora-metamathqa.yaml", None, 1),
     "zero3-nf4": ("recipes/mistral-7b/qedora-metamathqa.yaml", "recipes/accelerate/zero3-4bit.yaml", None),
+    "lora-bf16": ("recipes/mistral-7b/lora-metamathqa.yaml", None, 1),  # PEFT LoRA r=64, same settings
 }
 
 

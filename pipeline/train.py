@@ -89,8 +89,12 @@ def train(recipe, resume: bool = False):
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     quant = recipe.model.bnb_config()
     device_map = None
-    if quant is not None and not deepspeed:
-        device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"} if torch.cuda.is_available() else "cpu"
+    if not deepspeed and torch.cuda.is_available():
+        # straight onto this process's GPU: EDoRA's SVD init then runs there (a 7B model: seconds, not minutes on
+        # the CPU), and bitsandbytes quantizes there
+        device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+    elif quant is not None and not deepspeed:
+        device_map = "cpu"
     model = load_model(recipe.model.name_or_path, recipe.model.dtype, recipe.model.attn_implementation,
                        quantization_config=quant, device_map=device_map)
 

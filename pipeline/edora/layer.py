@@ -265,7 +265,9 @@ class EdoraLayer(BaseTunerLayer):
         return hit[1]
 
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
-        cdt = self._edora_cdt = base_out.dtype
+        cdt = base_out.dtype
+        if not torch.compiler.is_compiling():  # no side effects in a compiled graph
+            self._edora_cdt = cdt
         dropout = self.edora_dropout[name]
         if (self.use_magnitude[name] and self.get_base_layer().bias is None
                 and (isinstance(dropout, nn.Identity) or not self.training)):

@@ -120,9 +120,10 @@ class StepTermsCache:
         return False
 
     def prepare(self, model: nn.Module, active: list[str]) -> None:
+        if torch.compiler.is_compiling():  # compiled models run the per-layer op; inductor fuses it
+            return
         self.live[0] = False  # whatever the last pass left on the layers is spent
-        if not (self.enabled and model.training and torch.is_grad_enabled() and len(active) == 1) \
-                or torch.compiler.is_compiling():
+        if not (self.enabled and model.training and torch.is_grad_enabled() and len(active) == 1):
             return
         name = active[0]
         if self.layers is None or name != self.name or not all(g.intact() for g in self.groups):

@@ -76,8 +76,9 @@ def test_torch_compile_gives_the_eager_result():
 
 
 @pytest.mark.parametrize("quant", [False, True])
-def test_fast_path_trains_like_the_per_layer_path_on_cuda(quant):
-    """Batched step terms (+ fused base matmul on bf16) vs the per-layer op: same losses and updates, 3 AdamW steps."""
+def test_fast_path_gives_the_per_layer_gradients_on_cuda(quant):
+    """Batched step terms (+ fused base matmul on bf16) vs the per-layer op: same loss and gradients on the step
+    after the first (the first learns the compute dtype), with the same AdamW update before it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.edora import ops
@@ -114,18 +115,17 @@ def test_fast_path_trains_like_the_per_layer_path_on_cuda(quant):
             model = get_peft_model(base, EdoraConfig(r=16, target_modules=targets, seed=0))
             model.base_model.batch_step_terms = fast
             model.train()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            losses = []
-            for _ in range(3):
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-            out[fast] = (losses, {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad})
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            out[fast] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     finally:
         ops.EdoraStepTerms.forward = staticmethod(orig)
-    assert calls["terms"] > 0
-    torch.testing.assert_close(torch.tensor(out[True][0]), torch.tensor(out[False][0]), rtol=1e-2, atol=0)
-    for n, p in out[False][1].items():
-        torch.testing.assert_close(out[True][1][n], p, rtol=1e-2, atol=1e-3)
+    assert calls["terms"] == 3  # one batched call per shape group, on the second step only
+    assert abs(out[True][0] - out[False][0]) < 1e-2 * abs(out[False][0])
+    for n, g in out[False][1].items():
+        rel = ((out[True][1][n] - g).norm() / g.norm()).item()
+        assert rel < 2e-2, (n, rel)
