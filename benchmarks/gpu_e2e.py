@@ -80,13 +80,19 @@ def main():
             except requests.ConnectionError:
                 time.sleep(2)
         result["serve_start_s"] = round(time.time() - t, 1)
+        if server.poll() is not None:
+            result["serve_error"] = (out / "serve.log").read_text()[-2000:]
+            raise RuntimeError("pipeline serve exited before it was ready")
         proc = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--backend", "openai", "--base-url",
                                f"http://127.0.0.1:{port}/v1", "--model", str(run_dir / "merged"), "--tasks", "gsm8k",
                                "--limit", str(args.limit), "--max-tokens", "64", "--data-file", f"gsm8k={test}",
                                "--out", str(out / "eval_http")], cwd=ROOT, env=env, capture_output=True, text=True)
         result["http_eval"] = {"returncode": proc.returncode, "stderr_tail": proc.stderr[-1500:]}
+    except RuntimeError:
+        pass
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
     if (out / "eval_http/samples.jsonl").exists():
         def completions(path):
             return {json.loads(line)["id"]: json.loads(line)["completion"] for line in open(path)}

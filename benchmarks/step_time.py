@@ -103,6 +103,7 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     row = dict(variant=variant, r=r, layers=layers, batch=batch, seq=seq, base="nf4" if quant else "bf16",
                mode="compile" if compile_ else "eager")
     model = None
+    gc.collect()
     row["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # > 0: an earlier variant leaked
     nofuse = _NoBaseFusion() if variant == "edora-nofuse" else contextlib.nullcontext()
     try:

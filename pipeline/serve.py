@@ -62,6 +62,18 @@ def check_model(model: str) -> None:
         raise UserError(f"{model} has no *.safetensors weights; was the merge interrupted? Run the merge again")
 
 
+def check_server_imports() -> None:
+    """Import vLLM's OpenAI server before handing over: a dependency missing from vLLM's environment then gets one
+    clear line here instead of a traceback from the server process (seen: jmespath, with a wheel-staged vLLM)."""
+    try:
+        importlib.import_module("vllm.entrypoints.openai.api_server")
+    except ImportError as e:
+        missing = getattr(e, "name", None)
+        fix = f"pip install {missing}" if missing else "reinstall vLLM with its dependencies"
+        raise UserError(f"vLLM is installed but its OpenAI server cannot be imported: {e}. Fix vLLM's environment "
+                        f"({fix}) and try again; see deploy/README.md") from e
+
+
 def main(args) -> int:
     check_model(args.model)
     if args.tensor_parallel_size < 1:
@@ -80,6 +92,7 @@ def main(args) -> int:
         raise UserError("vLLM is not installed in this environment. Install it in its own environment "
                         "(pip install -r deploy/requirements-vllm.txt; see deploy/README.md), or use --dry-run to "
                         "print the command")
+    check_server_imports()
     logger.info("starting: %s", shlex.join(cmd))
     sys.stdout.flush()
     os.execv(exe, cmd)

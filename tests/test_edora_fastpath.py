@@ -238,3 +238,20 @@ def test_4bit_base_uses_the_batched_terms_with_its_own_matmul(tmp_path, count_op
     assert count_ops["apply"] == 2 * 14 and count_ops["apply_linear"] == 0  # bnb's matmul stays bnb's
     for k in params[False]:
         torch.testing.assert_close(params[True][k], params[False][k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_deleted_model_is_freed_at_once():
+    """No reference cycles through EDoRA's hooks: deleting a trained model frees it (its GPU memory) immediately,
+    not at some later garbage collection."""
+    import gc
+    import weakref
+
+    model = build(fast=True)
+    train(model, steps=2)
+    layer = weakref.ref(edora_layers(model)[0])
+    gc.disable()
+    try:
+        del model
+        assert layer() is None
+    finally:
+        gc.enable()

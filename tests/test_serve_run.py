@@ -30,6 +30,30 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
     assert out.startswith("vllm serve ") and "--port 8123" in out and "--tensor-parallel-size 2" in out
 
 
+def test_serve_names_a_dependency_missing_from_vllms_environment(tmp_path, capsys, monkeypatch):
+    # what a wheel-staged vLLM 0.26 did on the GPU host: its API server imports jmespath, which was not installed
+    import importlib
+    import os
+    import shutil
+
+    from pipeline import serve
+
+    tiny_llama().save_pretrained(tmp_path)
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "vllm.entrypoints.openai.api_server":
+            raise ModuleNotFoundError("No module named 'jmespath'", name="jmespath")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/vllm")
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("must not start the server"))
+    assert cli_main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be imported" in err and "pip install jmespath" in err
+
+
 def test_run_trains_merges_evaluates_and_reports(tmp_path):
     root = tmp_path / "setup"
     tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")

@@ -200,3 +200,24 @@ def test_4bit_base_trains_on_cpu(tiny_setup, tmp_path):
     sd = load_file(run / "adapter/adapter_model.safetensors")
     assert sd["base_model.model.model.layers.0.self_attn.q_proj.edora_magnitude"].dtype == torch.float32
     assert len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) == 4
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_the_trainer_runs_the_batched_fast_path_with_checkpointing(tiny_setup, tmp_path, monkeypatch, quant):
+    """Under TRL's SFTTrainer with gradient checkpointing (the 7B recipes' setting) every micro-step after the first
+    takes the batched path (pipeline/edora/step_terms.py), on a plain and on a 4-bit base."""
+    from pipeline.edora import ops
+
+    calls = []
+    orig = ops.EdoraStepTerms.forward
+    monkeypatch.setattr(ops.EdoraStepTerms, "forward", staticmethod(lambda *a: calls.append(1) or orig(*a)))
+    model = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32",
+             "bnb_4bit_quant_storage": "uint8"} if quant else {}
+    if quant:
+        pytest.importorskip("bitsandbytes")
+    recipe = write_recipe(tiny_setup, "ckpt", tmp_path, model=model,
+                          training={"max_steps": 3, "gradient_checkpointing": True,
+                                    "gradient_accumulation_steps": 2})
+    assert cli_main(["train", str(recipe)]) == 0
+    # 3 steps x 2 micro-steps, the first learns the compute dtype; 3 shape groups in the tiny Llama
+    assert len(calls) == 5 * 3

@@ -307,6 +307,14 @@ class EdoraLayer(BaseTunerLayer):
         return torch.addmm(out.reshape(-1, shape[-1]), xa2d, m_br.T).view(shape)
 
 
+def _load_pre_hook(module: Linear, state_dict, prefix, *args) -> None:
+    module._edora_load_pre_hook(state_dict, prefix, *args)
+
+
+def _load_post_hook(module: Linear, incompatible_keys) -> None:
+    module._edora_load_post_hook(module, incompatible_keys)
+
+
 class Linear(nn.Module, EdoraLayer):
     """EDoRA on a dense (or bitsandbytes-quantized) linear layer."""
 
@@ -316,8 +324,10 @@ class Linear(nn.Module, EdoraLayer):
         EdoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_seed=layer_seed, svd_here=svd_here)
-        self._register_load_state_dict_pre_hook(self._edora_load_pre_hook)
-        self.register_load_state_dict_post_hook(self._edora_load_post_hook)
+        # plain functions, not bound methods: a module holding hooks bound to itself is a reference cycle, and a
+        # deleted model would keep its (GPU) memory until the next garbage collection
+        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+        self.register_load_state_dict_post_hook(_load_post_hook)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -91,9 +92,6 @@ class EdoraModel(BaseTuner):
     def batch_step_terms(self, value: bool) -> None:
         self._step_terms.enabled = bool(value)
 
-    def _prepare_step_terms(self, module: nn.Module, args) -> None:
-        self._step_terms.prepare(self.model, self.active_adapters)
-
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self._step_terms_hook.remove()  # the plain model left behind needs no EDoRA hook
         self._step_terms.invalidate()
@@ -106,9 +104,18 @@ class EdoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # called for the first adapter and by add_adapter: set-up and broadcast live here, not in the hooks
         if "_step_terms" not in self.__dict__:
-            # on the wrapped model: PeftModel calls it directly when no task_type is set, bypassing this module
+            # on the wrapped model: PeftModel calls it directly when no task_type is set, bypassing this module.
+            # The hook holds a weak reference: model -> hook -> tuner -> model would be a cycle, and a deleted
+            # model would keep its GPU memory until the next garbage collection.
             self._step_terms = StepTermsCache()
-            self._step_terms_hook = model.register_forward_pre_hook(self._prepare_step_terms)
+            tuner = weakref.ref(self)
+
+            def prepare_step_terms(module, args):
+                t = tuner()
+                if t is not None:
+                    t._step_terms.prepare(t.model, t.active_adapters)
+
+            self._step_terms_hook = model.register_forward_pre_hook(prepare_step_terms)
         config = self.peft_config[adapter_name]
         self._begin_injection(model, config)
         try:
