@@ -255,3 +255,21 @@ def test_a_deleted_model_is_freed_at_once():
         assert layer() is None
     finally:
         gc.enable()
+
+
+def test_bf16_autocast_keeps_the_fused_base_matmul(count_ops):
+    """The Trainer's bf16 mode runs the model under autocast; with a bf16 base that changes no dtype, so the base
+    matmul stays in the adapter's node, and the result equals the run without autocast."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for ac in (False, True):
+        model = build(fast=True, dtype=torch.bfloat16)
+        for _ in range(2):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads[ac] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert count_ops["apply_linear"] == 2 * 14 and count_ops["apply"] == 0
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-2, atol=1e-4)

@@ -36,7 +36,6 @@ def test_serve_names_a_dependency_missing_from_vllms_environment(tmp_path, capsy
     import os
     import shutil
 
-    from pipeline import serve
 
     tiny_llama().save_pretrained(tmp_path)
     real_import = importlib.import_module

@@ -366,9 +366,12 @@ class Linear(nn.Module, EdoraLayer):
     @staticmethod
     def _plain_base(base: nn.Module, x: torch.Tensor, cdt: torch.dtype) -> bool:
         # the base matmul can join the adapter's node when nothing hooks or replaces the Linear's forward
+        # Autocast (the Trainer's bf16 mode) changes nothing when input and weight are already in its dtype.
+        dev = x.device.type
         return (type(base) is nn.Linear and x.dtype == cdt and base.weight.dtype == cdt
                 and not base.weight.requires_grad and not base._forward_hooks and not base._forward_pre_hooks
-                and "forward" not in base.__dict__ and not torch.is_autocast_enabled(x.device.type))
+                and "forward" not in base.__dict__
+                and (not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) == cdt))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -4,6 +4,10 @@ A 7B model has 224 adapted layers, so each small op in an adapter's forward/back
 micro-step; profiled on an H100, a plain autograd version spent most of its step launching kernels (GPU busy ~30%).
 Here the detached norm runs without autograd in 5 fused ops, and the magnitude / low-rank combination is one
 autograd node with a hand-written backward (checked with gradcheck in tests/test_edora_ops.py).
+
+Training takes a faster route (step_terms.py): `EdoraStepTerms` computes the parameter-side terms of all layers of
+one shape at once, and `EdoraApply` / `EdoraApplyLinear` are what is left per layer. `EdoraLinearAdapter` (per layer)
+serves eval, ZeRO-3, reentrant checkpointing and torch.compile.
 """
 
 from __future__ import annotations
