@@ -273,3 +273,17 @@ def test_bf16_autocast_keeps_the_fused_base_matmul(count_ops):
     assert count_ops["apply_linear"] == 2 * 14 and count_ops["apply"] == 0
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-2, atol=1e-4)
+
+
+def test_fast_path_resumes_after_a_cast_away_and_back(count_ops):
+    model = build(fast=True)
+    train(model, steps=2)
+    ids = torch.randint(0, 128, (2, 12))
+    model.to(torch.float64)  # fp64 adapter tensors: not eligible, the per-layer path runs
+    before = count_ops["terms"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert count_ops["terms"] == before
+    model.to(torch.float32)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert count_ops["terms"] == before + 3

@@ -276,7 +276,9 @@ class EdoraLayer(BaseTunerLayer):
             y = EdoraLinearAdapter.apply(x.reshape(-1, x.shape[-1]).to(cdt), base_out.reshape(-1, shape[-1]),
                                          self._a_in(name, cdt), self.edora_B[name].float(),
                                          self.edora_R[name].float(), self.edora_magnitude[name].float(),
-                                         self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name],
+                                         # .float(): no-ops, unless someone cast the whole model (.to(dtype))
+                                         self.edora_row_norm2[name].float(), self.edora_P[name].float(),
+                                         self.edora_G[name].float(),
                                          self.scaling[name])
             return y.view(shape)
         x_in = dropout(x)
@@ -288,7 +290,8 @@ class EdoraLayer(BaseTunerLayer):
         base2d, xa2d = base_out.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1])
         if not self.use_magnitude[name]:
             return torch.addmm(base2d, xa2d, br.to(cdt).T, alpha=s).view(shape)
-        n = factored_row_norm(self.edora_row_norm2[name], self.edora_P[name], self.edora_G[name], br.detach(), s)
+        n = factored_row_norm(self.edora_row_norm2[name].float(), self.edora_P[name].float(),
+                              self.edora_G[name].float(), br.detach(), s)
         m = self.edora_magnitude[name].float()
         bias = self.get_base_layer().bias
         if isinstance(dropout, nn.Identity) or not self.training:

@@ -89,7 +89,15 @@ class StepTermsCache:
         self.layers: Optional[list] = None  # the adapted layers, found once per injection (a model walk is slow)
         self.ckpt_modules: list = []
         self.name: Optional[str] = None
+        self.signature: tuple = ()
         self.live = [False]
+
+    def _signature(self, name: str) -> tuple:
+        # cheap: a cast (.to) or a reload replaces buffers and may change dtypes, so eligibility is decided again
+        if not self.layers or name not in self.layers[0].edora_R:
+            return (name,)
+        first = self.layers[0]
+        return name, first.edora_R[name].dtype, first.edora_B[name].data_ptr()
 
     def invalidate(self) -> None:
         """Call when layers are added, removed or replaced."""
@@ -126,8 +134,10 @@ class StepTermsCache:
         if not (self.enabled and model.training and torch.is_grad_enabled() and len(active) == 1):
             return
         name = active[0]
-        if self.layers is None or name != self.name or not all(g.intact() for g in self.groups):
-            if not self._build(model, name):
+        if self.layers is None or self._signature(name) != self.signature or not all(g.intact() for g in self.groups):
+            ok = self._build(model, name)
+            self.signature = self._signature(name)
+            if not ok:
                 return
         if not self.groups or self._reentrant_checkpointing() \
                 or any(layer.merged_adapters or layer._disable_adapters for layer in self.layers):
