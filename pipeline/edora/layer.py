@@ -11,6 +11,8 @@ unless dropout is active) and `W0 + s·B R A` is never built. The row norm comes
     n_i² = w_i² + 2s·Σ_j P_ij (BR)_ij + s²·Σ_j ((BR) G)_ij (BR)_ij
 
 so a step costs O(out·r²) extra and never dequantizes a 4-bit weight or gathers a ZeRO-3-partitioned one.
+In training the per-step terms (B R, n, m / n) of all layers are computed together (step_terms.py) and each layer
+runs only `ops.EdoraApply` / `ops.EdoraApplyLinear`; this per-layer op serves everything else.
 """
 
 from __future__ import annotations
