@@ -74,7 +74,7 @@ def step_time() -> None:
               "per-layer op without the regression is 36.5 ms (1.28x LoRA, 335d612): the compile target is not "
               "shown met.", ""]
     lines += ["Variants: `edora` is the shipped training path (per-step terms of all layers batched by "
-              "`EdoraStepTerms`, base matmul fused into the adapter node on bf16 bases, `EdoraApplyLinear`); "
+              "`EdoraStepTerms`, base matmul fused into the adapter node on bf16 bases; `EdoraApplyLinear` then, `EdoraApply` given W0 now); "
               "`edora-nofuse` batches the terms but keeps the base matmul separate (what runs on a 4-bit base); "
               "`edora-perlayer` is the per-layer fused op alone (the code before; still used for eval, ZeRO-3 "
               "and reentrant checkpointing). Under torch.compile the per-layer op runs (inductor fuses it).", ""]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers: the NF4 swap shared with tests
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,26 +42,12 @@ def build_model(layers: int, quant: bool, seed: int = 0):
         for p in model.parameters():
             p.normal_(0, 0.02)
     if quant:
-        quantize_linears(model)
+        from helpers import quantize_linears_nf4
+
+        quantize_linears_nf4(model, TARGETS)
+        torch.cuda.empty_cache()
     model.requires_grad_(False)
     return model
-
-
-def quantize_linears(model) -> None:
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in TARGETS:
-                lin = getattr(parent, name, None)
-                if lin is None:
-                    continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      quant_type="nf4", device="cuda")
-                q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
-    torch.cuda.empty_cache()
 
 
 def add_adapter(model, variant: str, r: int):

@@ -37,3 +37,20 @@ def tiny_tokenizer(save_dir=None, vocab_size: int = 300):
     if save_dir is not None:
         fast.save_pretrained(save_dir)
     return fast
+
+
+def quantize_linears_nf4(model, targets=ALL_LINEAR, device="cuda") -> None:
+    """Swap a Llama/Mistral decoder's projections for bitsandbytes NF4 Linear4bit (bf16 compute) on `device`."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                setattr(parent, name, q.to(device))
+    model.is_loaded_in_4bit = True

@@ -34,16 +34,21 @@ def build(fast=True, dtype=torch.float32, seed=0, **cfg):
 
 @pytest.fixture
 def count_ops(monkeypatch):
-    """How often each autograd op ran (forward), to tell which path a step took."""
+    """How often each autograd op ran (forward), to tell which path a step took. `apply_linear`: EdoraApply with
+    the base matmul inside (W0 given); `apply`: EdoraApply on the base layer's output."""
     calls = {"per_layer": 0, "apply": 0, "apply_linear": 0, "terms": 0}
-    for key, cls in [("per_layer", ops.EdoraLinearAdapter), ("apply", ops.EdoraApply),
-                     ("apply_linear", ops.EdoraApplyLinear), ("terms", ops.EdoraStepTerms)]:
+
+    def counter(cls, key_of):
         orig = cls.forward
 
-        def counted(*a, _orig=orig, _key=key):
-            calls[_key] += 1
-            return _orig(*a)
+        def counted(*a):
+            calls[key_of(a)] += 1
+            return orig(*a)
         monkeypatch.setattr(cls, "forward", staticmethod(counted))
+
+    counter(ops.EdoraLinearAdapter, lambda a: "per_layer")
+    counter(ops.EdoraStepTerms, lambda a: "terms")
+    counter(ops.EdoraApply, lambda a: "apply" if a[3] is None else "apply_linear")  # a = (ctx, x, base, w0, ..)
     return calls
 
 

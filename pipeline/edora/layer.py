@@ -12,14 +12,13 @@ unless dropout is active) and `W0 + s·B R A` is never built. The row norm comes
 
 so a step costs O(out·r²) extra and never dequantizes a 4-bit weight or gathers a ZeRO-3-partitioned one.
 In training the per-step terms (B R, n, m / n) of all layers are computed together (step_terms.py) and each layer
-runs only `ops.EdoraApply` / `ops.EdoraApplyLinear`; this per-layer op serves everything else.
+runs only `ops.EdoraApply`; this per-layer op serves everything else.
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -31,17 +30,10 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from .config import EdoraConfig
-from .ops import EdoraApply, EdoraApplyLinear, EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm
+from .ops import EdoraApply, EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm, no_autocast
 from .svd import truncated_svd
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def _no_autocast(device: torch.device):
-    # The norm terms and B R are tiny; computing them in fp32 keeps n exact even under bf16 autocast.
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
 
 
 def _unpack_bnb_cpu_weight(base: nn.Module) -> None:
@@ -286,7 +278,7 @@ class EdoraLayer(BaseTunerLayer):
         x_in = dropout(x)
         xa = F.linear(x_in.to(cdt), self._a_in(name, cdt))  # [..., r]
         s = self.scaling[name]
-        with _no_autocast(base_out.device):
+        with no_autocast(base_out.device):
             br = self.edora_B[name].float() @ self.edora_R[name].float()  # [out, r], fp32, grad to R
         shape = base_out.shape
         base2d, xa2d = base_out.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1])
@@ -391,15 +383,15 @@ class Linear(nn.Module, EdoraLayer):
             base, cdt = self.base_layer, step.cdt
             a_c = self._a_in(step.name, cdt)
             if self._plain_base(base, x, cdt) and not args and not kwargs:
-                y = EdoraApplyLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, a_c, step.br_s, step.scale,
-                                           step.scale_c)
+                y = EdoraApply.apply(x.reshape(-1, x.shape[-1]), None, base.weight, a_c, step.br_s, step.scale,
+                                     step.scale_c)
                 return y.view(*x.shape[:-1], y.shape[-1])
             result = base(x, *args, **kwargs)
             if self.quantization_backend is not None:
                 result = self.quantization_backend.maybe_clone_base_result(result)
             if result.dtype == cdt:
                 shape = result.shape
-                y = EdoraApply.apply(x.reshape(-1, x.shape[-1]).to(cdt), result.reshape(-1, shape[-1]), a_c,
+                y = EdoraApply.apply(x.reshape(-1, x.shape[-1]).to(cdt), result.reshape(-1, shape[-1]), None, a_c,
                                      step.br_s, step.scale, step.scale_c)
                 return y.view(shape)
         else:

@@ -6,7 +6,7 @@ Here the detached norm runs without autograd in 5 fused ops, and the magnitude /
 autograd node with a hand-written backward (checked with gradcheck in tests/test_edora_ops.py).
 
 Training takes a faster route (step_terms.py): `EdoraStepTerms` computes the parameter-side terms of all layers of
-one shape at once, and `EdoraApply` / `EdoraApplyLinear` are what is left per layer. `EdoraLinearAdapter` (per layer)
+one shape at once, and `EdoraApply` is what is left per layer. `EdoraLinearAdapter` (per layer)
 serves eval, ZeRO-3, reentrant checkpointing and torch.compile.
 """
 
@@ -15,6 +15,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for the adapter arithmetic, which picks its dtypes itself (the norm terms and B R in fp32 keep n
+    exact under bf16 autocast). Entering a context costs host time, so only when autocast is on."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -44,7 +52,7 @@ class MagnitudeLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, xa, br, m, n, s):
         cdt = base.dtype
-        with torch.autocast(device_type=base.device.type, enabled=False):
+        with no_autocast(base.device):
             scale = m / n
             br_c = br.to(cdt)
             scale_c = scale.to(cdt)
@@ -83,7 +91,7 @@ class EdoraLinearAdapter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, a_c, b, r_mat, m, w2, p, g, s):
         cdt = base.dtype
-        with torch.autocast(device_type=base.device.type, enabled=False):
+        with no_autocast(base.device):
             xa = torch.mm(x, a_c.T)
             br = torch.mm(b, r_mat)
             # m / sqrt(..), not m * rsqrt(..): with R = 0 this is exactly m / sqrt(w2) = 1, so W' = W0 bit for bit
@@ -113,13 +121,6 @@ class EdoraLinearAdapter(torch.autograd.Function):
         return g_x, g_pre, None, None, g_r, g_m, None, None, None, None
 
 
-def _autocast_off(t: torch.Tensor):
-    # the adapter arithmetic picks its dtypes itself; entering a context costs host time, so only when needed
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.autocast(device_type=t.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class EdoraStepTerms(torch.autograd.Function):
     """The parameter-side terms of L layers of the same shape, batched (the training fast path, see step_terms.py):
 
@@ -131,7 +132,7 @@ class EdoraStepTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, m, b, p, g, w2, s, cdt, live):
-        with _autocast_off(r):
+        with no_autocast(r.device):
             br = torch.bmm(b, r)
             n = factored_row_norm(w2, p, g, br, s)
             scale = m / n  # m / sqrt(..): exactly 1 at R = 0, as in the per-layer op
@@ -157,40 +158,20 @@ class EdoraApply(torch.autograd.Function):
     """One layer's share of the fast path: y = scale ⊙ (base + (x Aᵀ) BR_sᵀ), with BR_s and scale from
     EdoraStepTerms. 3 kernels forward, 6 backward. `scale` (fp32) only carries the gradient of m; `scale_c` (compute
     dtype, no gradient) is what multiplies. Gradients flow to x, base, br_s and scale.
+
+    Give either `base` (the base layer's output, e.g. from a 4-bit matmul) or `w0` (a plain bias-free Linear's
+    weight, no gradient): with w0 the base matmul runs inside this node, which saves the base's own autograd node and
+    the sum of the two input gradients (dx = dpre W0 + (dpre BR_s) A is one addmm).
     """
 
     @staticmethod
-    def forward(ctx, x, base, a_c, br_s, scale, scale_c):
-        with _autocast_off(base):
+    def forward(ctx, x, base, w0, a_c, br_s, scale, scale_c):
+        with no_autocast(x.device):
             xa = torch.mm(x, a_c.T)
-            pre = torch.addmm(base, xa, br_s.T)
-            y = pre * scale_c
-        ctx.save_for_backward(xa, a_c, br_s, pre, scale_c)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        xa, a_c, br_s, pre, scale_c = ctx.saved_tensors
-        g_pre = gy * scale_c
-        # the sum over tokens accumulates in fp32 whatever the compute dtype, as in the per-layer op
-        g_scale = (gy * pre).sum(0, dtype=torch.float32) if ctx.needs_input_grad[4] else None
-        g_x = torch.mm(torch.mm(g_pre, br_s), a_c) if ctx.needs_input_grad[0] else None
-        g_br = torch.mm(g_pre.T, xa) if ctx.needs_input_grad[3] else None
-        return g_x, g_pre, None, g_br, g_scale, None
-
-
-class EdoraApplyLinear(torch.autograd.Function):
-    """EdoraApply for a plain bias-free nn.Linear base, with the base matmul inside the same node:
-    y = scale ⊙ (x W0ᵀ + (x Aᵀ) BR_sᵀ). Saves the separate base autograd node and the sum of the two input
-    gradients (dx = dpre W0 + (dpre BR_s) A is one addmm). W0 gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w0, a_c, br_s, scale, scale_c):
-        with _autocast_off(x):
-            pre = torch.mm(x, w0.T)
-            xa = torch.mm(x, a_c.T)
-            pre.addmm_(xa, br_s.T)
+            if w0 is None:
+                pre = torch.addmm(base, xa, br_s.T)
+            else:
+                pre = torch.mm(x, w0.T).addmm_(xa, br_s.T)
             y = pre * scale_c
         ctx.save_for_backward(xa, w0, a_c, br_s, pre, scale_c)
         return y
@@ -199,7 +180,12 @@ class EdoraApplyLinear(torch.autograd.Function):
     def backward(ctx, gy):
         xa, w0, a_c, br_s, pre, scale_c = ctx.saved_tensors
         g_pre = gy * scale_c
-        g_scale = (gy * pre).sum(0, dtype=torch.float32) if ctx.needs_input_grad[4] else None
-        g_x = torch.mm(torch.mm(g_pre, br_s), a_c).addmm_(g_pre, w0) if ctx.needs_input_grad[0] else None
-        g_br = torch.mm(g_pre.T, xa) if ctx.needs_input_grad[3] else None
-        return g_x, None, None, g_br, g_scale, None
+        # the sum over tokens accumulates in fp32 whatever the compute dtype, as in the per-layer op
+        g_scale = (gy * pre).sum(0, dtype=torch.float32) if ctx.needs_input_grad[5] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.mm(torch.mm(g_pre, br_s), a_c)
+            if w0 is not None:
+                g_x.addmm_(g_pre, w0)
+        g_br = torch.mm(g_pre.T, xa) if ctx.needs_input_grad[4] else None
+        return g_x, (g_pre if w0 is None else None), None, None, g_br, g_scale, None

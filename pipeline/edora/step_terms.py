@@ -88,7 +88,6 @@ class StepTermsCache:
         self.groups: list[_Group] = []
         self.layers: Optional[list] = None  # the adapted layers, found once per injection (a model walk is slow)
         self.ckpt_modules: list = []
-        self.name: Optional[str] = None
         self.signature: tuple = ()
         self.live = [False]
 
@@ -101,14 +100,14 @@ class StepTermsCache:
 
     def invalidate(self) -> None:
         """Call when layers are added, removed or replaced."""
-        self.layers, self.groups, self.name = None, [], None
+        self.layers, self.groups = None, []
 
     def _build(self, model: nn.Module, name: str) -> bool:
         from .layer import Linear
 
         self.layers = [mod for mod in model.modules() if isinstance(mod, Linear) and name in mod.edora_R]
         self.ckpt_modules = [mod for mod in model.modules() if hasattr(mod, "gradient_checkpointing")]
-        self.name, self.groups = name, []
+        self.groups = []
         if not self.layers or not all(_eligible(layer, name) for layer in self.layers):
             return False
         by_shape: dict[tuple, list] = {}

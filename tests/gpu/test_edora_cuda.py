@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import ALL_LINEAR, quantize_linears_nf4
 from peft import get_peft_model
 from torch import nn
 
@@ -85,7 +86,7 @@ def test_fast_path_gives_the_per_layer_gradients_on_cuda(quant):
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = ALL_LINEAR
     calls = {"terms": 0}
     orig = ops.EdoraStepTerms.forward
 
@@ -101,17 +102,8 @@ def test_fast_path_gives_the_per_layer_gradients_on_cuda(quant):
             torch.manual_seed(0)
             base = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
             if quant:
-                bnb = pytest.importorskip("bitsandbytes")
-                for layer in base.model.layers:
-                    for parent in (layer.self_attn, layer.mlp):
-                        for name in targets:
-                            lin = getattr(parent, name, None)
-                            if lin is None:
-                                continue
-                            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
-                                                  compute_dtype=torch.bfloat16, quant_type="nf4")
-                            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                            setattr(parent, name, q.cuda())
+                pytest.importorskip("bitsandbytes")
+                quantize_linears_nf4(base, targets)
             model = get_peft_model(base, EdoraConfig(r=16, target_modules=targets, seed=0))
             model.base_model.batch_step_terms = fast
             model.train()
