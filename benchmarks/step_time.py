@@ -89,6 +89,10 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
             warmup: int = 3, steps: int = 10) -> dict:
     row = dict(variant=variant, r=r, layers=layers, batch=batch, seq=seq, base="nf4" if quant else "bf16",
                mode="compile" if compile_ else "eager")
+    if compile_:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
     model = None
     gc.collect()
     row["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)  # > 0: an earlier variant leaked
@@ -127,6 +131,19 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
         ms = start.elapsed_time(end) / steps
         row.update(step_ms=round(ms, 2), tokens_per_s=round(batch * seq / ms * 1000),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        if compile_:  # what dynamo made of it: a recompile or graph break per step would show here
+            from torch._dynamo.utils import counters
+
+            row["dynamo"] = dict(graphs=counters["stats"]["unique_graphs"],
+                                 graph_breaks=sum(counters["graph_break"].values()),
+                                 frames=counters["frames"]["total"])
+            host = []
+            for _ in range(3):  # host time of one step (no sync inside): > step_ms means launch-bound
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                step()
+                host.append(round((time.perf_counter() - t) * 1000, 1))
+            row["host_ms"] = host
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as e:  # a variant that fails (e.g. does not compile) is recorded, the rest still run
@@ -190,6 +207,8 @@ def grid(name: str):
     elif name == "compile3":
         for v in ["floor", "lora", "edora"]:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
+    elif name == "compile-edora":  # alone in a fresh process: nothing compiled before it
+        yield dict(variant="edora", r=64, layers=8, batch=2, quant=False, compile_=True)
     elif name == "4bit":
         for v in v5:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=True, compile_=False)

@@ -77,6 +77,10 @@ class OpenAIBackend:
         import requests
 
         self.session = requests.Session()
+        # one pooled connection per request in flight; requests' default pool (10) drops the rest after each use
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(concurrency, 1))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"

@@ -89,6 +89,16 @@ def test_completions_sent_with_shared_settings():
                                                                                       ["Instruction", "Response"])
 
 
+def test_many_requests_in_flight_reuse_their_connections(caplog):
+    # found on the GPU host against `vllm serve`: with 32 in flight, requests' default pool of 10 discarded the
+    # other connections after each request (one urllib3 warning each, and a new TCP connection next time)
+    prompts = [f"### Instruction:\n{r['question']}\n\n### Response:" for r in GSM8K_ROWS] * 8
+    with FakeServer() as server, caplog.at_level("WARNING", logger="urllib3.connectionpool"):
+        backend = OpenAIBackend(server.url, concurrency=16, timeout_s=10)
+        assert len(list(backend.generate(prompts, SAMPLING))) == 32
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
 def test_retries_a_500_then_succeeds():
     with FakeServer(fail_first=2) as server:
         backend = OpenAIBackend(server.url, concurrency=1, backoff_s=0.01, timeout_s=10)
