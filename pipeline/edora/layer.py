@@ -260,8 +260,7 @@ class EdoraLayer(BaseTunerLayer):
 
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
         cdt = base_out.dtype
-        if not torch.compiler.is_compiling():  # no side effects in a compiled graph
-            self._edora_cdt = cdt
+        self._edora_cdt = cdt
         dropout = self.edora_dropout[name]
         if (self.use_magnitude[name] and self.get_base_layer().bias is None
                 and (isinstance(dropout, nn.Identity) or not self.training)):
@@ -378,7 +377,7 @@ class Linear(nn.Module, EdoraLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         step = self._edora_step
-        if step is not None and torch.is_grad_enabled() and step.usable() and not torch.compiler.is_compiling():
+        if step is not None and torch.is_grad_enabled() and step.usable():
             # training fast path: B R, n and m / n of this layer were computed with all the others (step_terms.py)
             base, cdt = self.base_layer, step.cdt
             a_c = self._a_in(step.name, cdt)

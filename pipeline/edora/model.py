@@ -110,6 +110,7 @@ class EdoraModel(BaseTuner):
             self._step_terms = StepTermsCache()
             tuner = weakref.ref(self)
 
+            @torch.compiler.disable  # eager also under torch.compile: the batched terms enter the graph as inputs
             def prepare_step_terms(module, args):
                 t = tuner()
                 if t is not None:

@@ -6,8 +6,8 @@ Here the detached norm runs without autograd in 5 fused ops, and the magnitude /
 autograd node with a hand-written backward (checked with gradcheck in tests/test_edora_ops.py).
 
 Training takes a faster route (step_terms.py): `EdoraStepTerms` computes the parameter-side terms of all layers of
-one shape at once, and `EdoraApply` is what is left per layer. `EdoraLinearAdapter` (per layer)
-serves eval, ZeRO-3, reentrant checkpointing and torch.compile.
+one shape at once, and `EdoraApply` is what is left per layer (also inside a torch.compile'd graph).
+`EdoraLinearAdapter` (per layer) serves eval, ZeRO-3 and reentrant checkpointing.
 """
 
 from __future__ import annotations
