@@ -160,7 +160,8 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     return row
 
 
-def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64, compile_: bool = False) -> None:
+def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64, compile_: bool = False,
+            host: bool = False) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -180,6 +181,22 @@ def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if host:  # where the Python side of a launch-bound step goes
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+        text = f"== {variant}{' (compiled)' if compile_ else ''}: host time (cProfile) over 10 steps ==\n" + buf.getvalue()
+        print(text)
+        return text
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -240,14 +257,15 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="print the top CUDA kernels of these variants (comma-separated; "
                     "r=64, 8 layers)")
     ap.add_argument("--profile-compiled", action="store_true", help="profile the torch.compile'd model")
+    ap.add_argument("--profile-host", action="store_true", help="profile the host side (cProfile) instead")
     ap.add_argument("--code", default="", help="the commit measured (recorded in each row)")
     ap.add_argument("--profile-out", default=None, help="write the profile table to this file")
     args = ap.parse_args()
     if args.profile:
         for variant in args.profile.split(","):
-            text = profile(variant, args.seq, compile_=args.profile_compiled)
+            text = profile(variant, args.seq, compile_=args.profile_compiled, host=args.profile_host)
             if args.profile_out:
-                mode = "compiled" if args.profile_compiled else "eager"
+                mode = ("compiled" if args.profile_compiled else "eager") + ("_host" if args.profile_host else "")
                 path = Path(args.profile_out) / f"{variant}_{mode}_{args.code or 'local'}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)

@@ -230,6 +230,22 @@ def test_loading_weights_into_a_model_that_trained_fast_is_seen_by_the_next_step
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, want, rtol=1e-6, atol=0)
 
 
+def test_loading_with_assign_replaces_parameters_and_the_next_step_trains_the_new_ones(count_ops):
+    donor = build(fast=False, seed=7)
+    state = {k: v.clone() for k, v in donor.state_dict().items() if ".edora_" in k}
+    model = build(fast=True)
+    train(model, steps=1)
+    model.load_state_dict(state, strict=False, assign=True)  # new Parameter objects, new buffers
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    terms = count_ops["terms"]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert count_ops["terms"] == terms + 3
+    torch.testing.assert_close(loss, donor(input_ids=ids, labels=ids).loss, rtol=1e-6, atol=0)
+    for layer in edora_layers(model):
+        assert layer.edora_R["default"].grad is not None and layer.edora_magnitude["default"].grad is not None
+
+
 def test_4bit_base_uses_the_batched_terms_with_its_own_matmul(tmp_path, count_ops):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -63,6 +63,9 @@ def _eligible(layer, name: str) -> bool:
 
 
 class _Group:
+    """Layers of one shape. What the hook reads every step is cached as plain dicts: a module attribute lookup
+    costs about a microsecond, and a 7B model has 224 layers."""
+
     def __init__(self, layers: list, name: str) -> None:
         self.layers, self.name = layers, name
         self.s = layers[0].scaling[name]
@@ -73,13 +76,19 @@ class _Group:
                 for i, layer in enumerate(layers):
                     getattr(layer, attr)[name] = stack[i]  # the layer's buffer becomes a view of the stack
                 self.stacks[attr] = stack
-        self.ptrs = self._ptrs()
-
-    def _ptrs(self) -> list:
-        return [getattr(layer, attr)[self.name].data_ptr() for layer in self.layers for attr in _STACKED]
+        # the buffer dicts and the views they hold now: `.to()` or a reload replaces an entry
+        self.views = [(buffers, buffers[name]) for layer in layers
+                      for buffers in (getattr(layer, attr)._buffers for attr in _STACKED)]
+        # read each step (not the tensors): loading with assign=True replaces the Parameter objects
+        self.r_dicts = [layer.edora_R._parameters for layer in layers]
+        self.m_dicts = [layer.edora_magnitude._parameters for layer in layers]
+        bases = [layer.get_base_layer() for layer in layers]
+        dtypes = {base.weight.dtype for base in bases} if all(type(b) is nn.Linear for b in bases) else set()
+        self.base_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.device_type = layers[0].edora_row_norm2[name].device.type
 
     def intact(self) -> bool:
-        return self._ptrs() == self.ptrs
+        return all(buffers.get(self.name) is view for buffers, view in self.views)
 
     def cdt(self) -> Optional[torch.dtype]:
         learned = {layer._edora_cdt for layer in self.layers} - {None}
@@ -91,16 +100,11 @@ class _Group:
         # Before any forward: a plain Linear computes in its weight dtype, or autocast's. Guessing saves a compiled
         # model a second compilation. A wrong guess costs only speed: the layer takes the per-layer path, which
         # records the real dtype for the next step. Other bases (4-bit) are learned at the first step.
-        bases = [layer.get_base_layer() for layer in self.layers]
-        if not all(type(base) is nn.Linear for base in bases):
+        if self.base_dtype is None or not self.base_dtype.is_floating_point:
             return None
-        dtypes = {base.weight.dtype for base in bases}
-        dev = bases[0].weight.device.type
-        if len(dtypes) != 1 or not dtypes.pop().is_floating_point:
-            return None
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return bases[0].weight.dtype
+        if torch.is_autocast_enabled(self.device_type):
+            return torch.get_autocast_dtype(self.device_type)
+        return self.base_dtype
 
 
 class StepTermsCache:
@@ -167,8 +171,8 @@ class StepTermsCache:
             cdt = group.cdt()
             if cdt is None:  # the first step: the per-layer path records each layer's compute dtype
                 continue
-            rs = [layer.edora_R[name] for layer in group.layers]
-            ms = [layer.edora_magnitude[name] for layer in group.layers]
+            rs = [d[name] for d in group.r_dicts]
+            ms = [d[name] for d in group.m_dicts]
             st = group.stacks
             br_s, scale, scale_c = EdoraStepTerms.apply(
                 torch.stack(rs), torch.stack(ms), st["edora_B"], st["edora_P"], st["edora_G"],
