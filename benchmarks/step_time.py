@@ -99,7 +99,14 @@ def measure(variant: str, r: int, layers: int, batch: int, seq: int, quant: bool
     nofuse = _NoBaseFusion() if variant == "edora-nofuse" else contextlib.nullcontext()
     try:
         nofuse.__enter__()
-        model = add_adapter(build_model(layers, quant), variant, r)
+        t_build = time.perf_counter()
+        model = build_model(layers, quant)
+        torch.cuda.synchronize()
+        row["build_s"] = round(time.perf_counter() - t_build, 1)
+        t_build = time.perf_counter()
+        model = add_adapter(model, variant, r)
+        torch.cuda.synchronize()
+        row["adapter_s"] = round(time.perf_counter() - t_build, 1)  # EDoRA: the SVD init
         params = [p for p in model.parameters() if p.requires_grad]
         row["trainable_params"] = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None

@@ -379,8 +379,7 @@ class Linear(nn.Module, EdoraLayer):
         step = self._edora_step
         if step is not None and torch.is_grad_enabled() and step.usable():
             # training fast path: B R, n and m / n of this layer were computed with all the others (step_terms.py)
-            base, cdt = self.base_layer, step.cdt
-            a_c = self._a_in(step.name, cdt)
+            base, cdt, a_c = self.base_layer, step.cdt, step.a_c
             if self._plain_base(base, x, cdt) and not args and not kwargs:
                 y = EdoraApply.apply(x.reshape(-1, x.shape[-1]), None, base.weight, a_c, step.br_s, step.scale,
                                      step.scale_c)

@@ -37,6 +37,7 @@ class LayerStep(NamedTuple):
     br_s: torch.Tensor
     scale: torch.Tensor
     scale_c: torch.Tensor
+    a_c: torch.Tensor  # A in the compute dtype, cast here (cached), not in a compiled graph: a kernel per layer saved
     cdt: torch.dtype
     r: nn.Parameter
     r_version: int
@@ -180,5 +181,5 @@ class StepTermsCache:
             for layer, r, m, b_i, s_i, c_i in zip(group.layers, rs, ms, br_s.unbind(0), scale.unbind(0),
                                                   scale_c.unbind(0)):
                 # straight into __dict__: nn.Module.__setattr__ costs microseconds, paid per layer per step
-                layer.__dict__["_edora_step"] = LayerStep(name, b_i, s_i, c_i, cdt, r, r._version, m, m._version,
-                                                          live)
+                layer.__dict__["_edora_step"] = LayerStep(name, b_i, s_i, c_i, layer._a_in(name, cdt), cdt, r,
+                                                          r._version, m, m._version, live)
