@@ -214,6 +214,49 @@ def profile(variant: str, seq: int, layers: int = 8, batch: int = 2, r: int = 64
     return text
 
 
+def interleaved(specs: list, seq: int, rounds: int, steps: int = 5) -> list:
+    """Eager steps are launch-bound at this size, so their time follows the host's speed, which drifts between
+    machines and within a run (eager LoRA measured 47 to 75 ms). All variants are built first (same base weights,
+    same inputs) and timed in turns, `rounds` times; each row reports the median round and all rounds."""
+    models, rows = [], []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for spec in specs:
+        assert not spec["compile_"], "interleaved timing is for eager rows"
+        model = add_adapter(build_model(spec["layers"], spec["quant"]), spec["variant"], spec["r"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        ids = torch.randint(0, 32000, (spec["batch"], seq), device="cuda", generator=g)
+        models.append((model, opt, ids))
+        rows.append(dict(variant=spec["variant"], r=spec["r"], layers=spec["layers"], batch=spec["batch"], seq=seq,
+                         base="nf4" if spec["quant"] else "bf16", mode="eager", timing=f"interleaved x{rounds}",
+                         trainable_params=sum(p.numel() for p in params), round_ms=[]))
+
+    def run(i: int, n: int) -> None:
+        model, opt, ids = models[i]
+        with _NoBaseFusion() if specs[i]["variant"] == "edora-nofuse" else contextlib.nullcontext():
+            for _ in range(n):
+                model(input_ids=ids, labels=ids).loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+    for i in range(len(specs)):
+        run(i, 3)  # warm-up
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for i, row in enumerate(rows):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(i, steps)
+            end.record()
+            torch.cuda.synchronize()
+            row["round_ms"].append(round(start.elapsed_time(end) / steps, 2))
+    for row in rows:
+        ms = sorted(row["round_ms"])[len(row["round_ms"]) // 2]
+        row.update(step_ms=ms, tokens_per_s=round(row["batch"] * seq / ms * 1000))
+    return rows
+
+
 def grid(name: str):
     v4 = ["floor", "lora", "dora", "edora"]
     v5 = v4 + ["edora-perlayer"]
@@ -266,6 +309,8 @@ def main() -> None:
     ap.add_argument("--profile-compiled", action="store_true", help="profile the torch.compile'd model")
     ap.add_argument("--profile-host", action="store_true", help="profile the host side (cProfile) instead")
     ap.add_argument("--code", default="", help="the commit measured (recorded in each row)")
+    ap.add_argument("--interleave", type=int, default=0, help="eager grids: build all variants, then time them in "
+                    "turns this many rounds (median reported); no memory figures")
     ap.add_argument("--profile-out", default=None, help="write the profile table to this file")
     args = ap.parse_args()
     if args.profile:
@@ -284,6 +329,15 @@ def main() -> None:
     data.setdefault("environment", environment())
     data.setdefault("commands", []).append(" ".join(sys.argv))
     t0 = time.time()
+    command = " ".join(["python", "benchmarks/step_time.py"] + sys.argv[1:])
+    if args.interleave:
+        for name in args.grid.split(","):
+            for row in interleaved(list(grid(name)), args.seq, args.interleave):
+                row.update(grid=name, code=args.code, command=command)
+                print(json.dumps(row), flush=True)
+                data["runs"].append(row)
+            out.write_text(json.dumps(data, indent=1))
+        return
     for name in args.grid.split(","):
         for spec in grid(name):
             if time.time() - t0 > args.budget_s:
