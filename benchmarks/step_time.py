@@ -279,8 +279,9 @@ def grid(name: str):
     elif name == "4bit":
         for v in v5:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=True, compile_=False)
-    elif name == "4bit-grid":
-        for layers, batch, r in [(8, 2, 16), (8, 8, 64), (32, 2, 64)]:
+    elif name in ("4bit-grid", "4bit-32"):
+        shapes = [(8, 2, 16), (8, 8, 64), (32, 2, 64)] if name == "4bit-grid" else [(32, 2, 64)]
+        for layers, batch, r in shapes:
             for v in v4:
                 yield dict(variant=v, r=r, layers=layers, batch=batch, quant=True, compile_=False)
     elif name == "target":  # the configuration the targets are stated for
