@@ -119,8 +119,9 @@ def step_time() -> None:
     lines += table(f"Interleaved timing at the target point (code {CODE}; step ms = median round)", inter_rows,
                    extra=("rounds",))
     lines += [f"Commands: `{inter[0]['command']}`; `{inter[-1]['command']}`.", ""]
-    nf4 = [r for r in rows if r["code"] == CODE and r.get("grid") == "4bit-grid"]
-    lines += table(f"NF4 base beyond the target point (code {CODE})", nf4)
+    nf4 = [r for r in rows if r["code"] in (CODE, "48ecf07") and r.get("grid") == "4bit-grid"]
+    lines += table(f"NF4 base beyond the target point (code {CODE}; the 32-layer rows in a later call, 48ecf07: "
+                   "same library code)", nf4)
     comp_rows = [dict(r, graphs=r.get("dynamo", {}).get("graphs", "-"),
                       host=" ".join(f"{x:g}" for x in r.get("host_ms", []))) for r in rows
                  if r["mode"] == "compile" and r["code"] in ("2d01686", CODE, "37db018", "8a70951")]
