@@ -274,6 +274,13 @@ def grid(name: str):
     elif name == "compile3":
         for v in ["floor", "lora", "edora"]:
             yield dict(variant=v, r=64, layers=8, batch=2, quant=False, compile_=True)
+    elif name == "compile-grid":  # the eager grid's other shapes, compiled (~1-3 min of compilation per row)
+        for layers in (8, 32):
+            for batch in (2, 8):
+                for r in (16, 64):
+                    if (layers, batch, r) != (8, 2, 64):
+                        for v in ["lora", "edora"]:
+                            yield dict(variant=v, r=r, layers=layers, batch=batch, quant=False, compile_=True)
     elif name == "compile-edora":  # alone in a fresh process: nothing compiled before it
         yield dict(variant="edora", r=64, layers=8, batch=2, quant=False, compile_=True)
     elif name == "4bit":
@@ -302,7 +309,8 @@ def environment() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/step_time.json")
-    ap.add_argument("--grid", default="target", help="target | eager | compile | 4bit, comma-separated")
+    ap.add_argument("--grid", default="target", help="target | eager | compile | compile3 | compile-grid | 4bit | "
+                    "4bit-grid | 4bit-32 | compile-edora, comma-separated")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new rows after this many seconds")
     ap.add_argument("--profile", default=None, help="print the top CUDA kernels of these variants (comma-separated; "
