@@ -15,7 +15,7 @@ adapter, fp32 adapter tensors, magnitude on, no bias, no dropout, and neither De
 parameters) nor reentrant activation checkpointing (it would backward through the shared terms once per layer).
 Everything else runs the per-layer path, as does the first step on a base other than a plain Linear (it learns
 the compute dtype). Under torch.compile the hook runs eagerly (outside the graph) and the batched terms enter the
-compiled graph as inputs, so a compiled step launches about as many kernels as a compiled LoRA step.
+compiled graph as inputs: one graph, no per-layer norm kernels in it, and no recompile per step.
 """
 
 from __future__ import annotations
