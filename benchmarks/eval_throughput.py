@@ -7,7 +7,8 @@
     python benchmarks/eval_throughput.py --model runs/mistral-7b-edora/merged --backends openai \
         --base-url http://127.0.0.1:8000/v1
 
-Writes benchmarks/results/eval_throughput.json (one entry per backend: prompts, generated tokens, seconds, tokens/s,
+A run too long for one sitting can be split with --start/--n; tokens/s of the whole is the summed tokens over the
+summed generate seconds. Writes benchmarks/results/eval_throughput.json (one entry per backend: prompts, generated tokens, seconds, tokens/s,
 GSM8K strict accuracy on those prompts, and how many completions equal the first backend's: greedy decoding should
 agree almost everywhere, so a low number points at a prompt or sampling difference) and eval_throughput.png.
 """
@@ -33,7 +34,7 @@ def run_one(args) -> dict:
 
     task = TASKS["gsm8k"]
     samples, source = load_samples(task, args.data_file)
-    samples = samples[:args.n]
+    samples = samples[args.start:args.start + args.n]
     sampling = Sampling(max_tokens=args.max_tokens or task.max_tokens, stop=tuple(task.stop))
     t0 = time.time()
     backend = make_backend(args.one, args.model, batch_size=args.batch_size,
@@ -46,7 +47,8 @@ def run_one(args) -> dict:
         tokens += n or 0
     gen_s = time.time() - t0
     strict = sum(task.score(s, c)["strict"] for s, c in zip(samples, completions)) / len(samples)
-    return {"backend": args.one, "model": args.model, "prompts": len(samples), "data_sha256": source["sha256"],
+    return {"backend": args.one, "model": args.model, "first": args.start, "prompts": len(samples),
+            "batch_size": args.batch_size, "data_sha256": source["sha256"],
             "sampling": sampling.to_dict(), "load_s": load_s, "generate_s": gen_s, "generated_tokens": tokens,
             "tokens_per_s": tokens / gen_s if gen_s else 0.0, "prompts_per_s": len(samples) / gen_s,
             "gsm8k_strict": strict, "completions": completions}
@@ -57,6 +59,8 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--backends", default="vllm,hf", help="comma-separated: vllm, openai, hf")
     p.add_argument("--n", type=int, default=256, help="GSM8K prompts")
+    p.add_argument("--start", type=int, default=0,
+                   help="skip the first START prompts (a long run split over calls: --start 0 --n 768, --start 768)")
     p.add_argument("--data-file", help="local GSM8K test JSONL (default: the hub)")
     p.add_argument("--max-tokens", type=int, help="default: the task's 1024")
     p.add_argument("--batch-size", type=int, help="hf batch / openai requests in flight")
