@@ -59,11 +59,41 @@ def profiled_run(args) -> None:
                 self.prof = None
 
     make = train_mod.make_trainer
+    timeline = result.setdefault("timeline", []) if args.timeline else None
 
     def make_trainer(*a, **kw):
         trainer = make(*a, **kw)
-        trainer.add_callback(Profile())
+        if timeline is None:
+            trainer.add_callback(Profile())
+            return trainer
+        # --timeline: every micro-batch's synchronised wall time and shape, and the GC pauses in between
+        step = trainer.training_step
+
+        def training_step(model, inputs, *rest, **kws):
+            sync()
+            gc0 = gc_ms[0]
+            t = time.perf_counter()
+            out = step(model, inputs, *rest, **kws)
+            sync()
+            timeline.append({"step": trainer.state.global_step, "shape": list(inputs["input_ids"].shape),
+                             "ms": round(1000 * (time.perf_counter() - t), 1), "gc_ms": round(gc_ms[0] - gc0, 1)})
+            return out
+
+        trainer.training_step = training_step
         return trainer
+
+    gc_ms, gc_t0 = [0.0], [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_ms[0] += 1000 * (time.perf_counter() - gc_t0[0])
+
+    if args.timeline:
+        import gc
+
+        gc.callbacks.append(on_gc)
 
     train_mod.make_trainer = make_trainer
     recipe = RUNS[args.one][0]
@@ -107,6 +137,8 @@ def main() -> int:
     p.add_argument("--skip", type=int, default=3, help="optimizer steps before the profiled ones")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps profiled")
     p.add_argument("--accum", type=int, default=4, help="gradient accumulation (micro-batches per step)")
+    p.add_argument("--timeline", action="store_true",
+                   help="no profiler: time every micro-batch (synchronised) with its shape and GC pauses")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +154,11 @@ def main() -> int:
             continue
         rows.append(json.loads(lines[-1][len("RESULT "):]))
         r = rows[-1]
+        if args.timeline:
+            ms = [t["ms"] for t in r["timeline"]]
+            print(f"{name}: micro-batches {len(ms)}, median {sorted(ms)[len(ms) // 2]:.0f} ms, max {max(ms):.0f} ms, "
+                  f"GC {sum(t['gc_ms'] for t in r['timeline']):.0f} ms in all")
+            continue
         print(f"{name}: wall {r.get('wall_ms_per_step', float('nan')):.1f} ms/step, GPU kernels "
               f"{r.get('gpu_kernel_ms_per_step', float('nan')):.1f} ms, {r.get('kernels_per_step', 0):.0f} kernels, "
               f"{r.get('aten_ops_per_step', 0):.0f} aten ops")
