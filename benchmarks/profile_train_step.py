@@ -102,6 +102,7 @@ def profiled_run(args) -> None:
                  f"--data.source={args.data}", "--data.format=gsm8k", "--data.split=train[:2000]",
                  f"--training.max_steps={args.skip + args.steps}",
                  f"--training.gradient_accumulation_steps={args.accum}", "--training.report_to=none",
+                 f"--training.per_device_train_batch_size={args.batch}",
                  "--training.save_steps=100000", "--training.logging_steps=1", "--launcher.num_processes=1"]
     rc = cli_main(["train", recipe, *overrides])
     result["returncode"] = rc
@@ -137,6 +138,7 @@ def main() -> int:
     p.add_argument("--skip", type=int, default=3, help="optimizer steps before the profiled ones")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps profiled")
     p.add_argument("--accum", type=int, default=4, help="gradient accumulation (micro-batches per step)")
+    p.add_argument("--batch", type=int, default=2, help="per-device batch (the recipes' 2 by default)")
     p.add_argument("--timeline", action="store_true",
                    help="no profiler: time every micro-batch (synchronised) with its shape and GC pauses")
     p.add_argument("--one", help=argparse.SUPPRESS)
