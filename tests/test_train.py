@@ -222,3 +222,32 @@ def test_the_trainer_runs_the_batched_fast_path_with_checkpointing(tiny_setup, t
     assert cli_main(["train", str(recipe)]) == 0
     # 3 steps x 2 micro-steps; 3 shape groups in the tiny Llama
     assert len(calls) == (5 if quant else 6) * 3
+
+
+def test_batch_and_accumulation_split_gives_the_same_update(tiny_setup, tmp_path):
+    """The 7B recipes reach their batch of 128 with few large micro-batches (16 x 8 on one GPU) instead of the
+    published 2 x 64: the same rows, so the same step, because the loss is normalised over the whole accumulated
+    batch. SGD (not AdamW, whose first step is ~lr * sign(g) and would hide a mis-scaled loss), fp32, one step."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for bs, accum in [(2, 4), (8, 1)]:
+        name = f"b{bs}x{accum}"
+        recipe = write_recipe(tiny_setup, name, tmp_path, model={"dtype": "float32"},
+                              training={"max_steps": 1, "per_device_train_batch_size": bs,
+                                        "gradient_accumulation_steps": accum, "optim": "sgd", "learning_rate": 5.0,
+                                        "max_grad_norm": 0.0, "bf16": False, "save_steps": 100})
+        assert cli_main(["train", str(recipe)]) == 0
+        adapters[name] = load_file(tmp_path / "runs" / name / "adapter/adapter_model.safetensors")
+    init = write_recipe(tiny_setup, "init", tmp_path, model={"dtype": "float32"},
+                        training={"max_steps": 1, "learning_rate": 1e-30, "optim": "sgd", "bf16": False})
+    assert cli_main(["train", str(init)]) == 0
+    before = load_file(tmp_path / "runs/init/adapter/adapter_model.safetensors")  # the init: lr 1e-30 moves nothing
+    a, b = adapters["b2x4"], adapters["b8x1"]
+    moved = 0.0
+    for k in a:
+        if "edora_R" in k or "edora_magnitude" in k:
+            d_a, d_b = a[k] - before[k], b[k] - before[k]
+            moved = max(moved, d_a.abs().max().item())
+            assert torch.allclose(d_a, d_b, rtol=1e-3, atol=1e-6 * d_a.abs().max().item()), k
+    assert moved > 1e-4  # the step did move the adapter
