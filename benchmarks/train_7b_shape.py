@@ -24,6 +24,7 @@ RUNS = {
     "nf4": ("recipes/mistral-7b/qedora-metamathqa.yaml", None, 1),
     "zero3-nf4": ("recipes/mistral-7b/qedora-metamathqa.yaml", "recipes/accelerate/zero3-4bit.yaml", None),
     "lora-bf16": ("recipes/mistral-7b/lora-metamathqa.yaml", None, 1),  # PEFT LoRA r=64, same settings
+    "dora-bf16": ("recipes/mistral-7b/dora-metamathqa.yaml", None, 1),  # PEFT DoRA r=64
 }
 
 

@@ -193,6 +193,6 @@ def test_validate_cli(capsys):
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)
     assert resolved["training"]["learning_rate"] == 3e-4 and resolved["adapter"]["method"] == "lora"
-    assert "# effective batch: 2 per device x 64 accumulation x 1 processes = 128" in out
+    assert "# effective batch: 16 per device x 8 accumulation x 1 processes = 128" in out
     assert cli_main(["validate", "recipes/mistral-7b/lora-metamathqa.yaml", "--adapter.init_sigma=1e-5"]) == 2
     assert "adapter.init_sigma: only applies to method edora or loraxs" in capsys.readouterr().err
