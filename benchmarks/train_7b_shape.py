@@ -51,13 +51,15 @@ def build_checkpoint(path: Path, tokenizer_dir: Path) -> None:
 
 
 def run(name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, nproc: int,
-        cprofile: bool = False) -> dict:
+        cprofile: bool = False, batch: int | None = None) -> dict:
     recipe, accel, _ = RUNS[name]
     overrides = [f"--name=m7b-{name}", f"--output_dir={out / 'runs'}", f"--model.name_or_path={ckpt}",
                  f"--data.source={data}", "--data.format=gsm8k", "--data.split=train[:2000]",
                  f"--training.max_steps={steps}", f"--training.gradient_accumulation_steps={accum}",
                  "--training.report_to=none", "--training.save_steps=1000", "--training.logging_steps=1",
                  f"--launcher.num_processes={nproc if accel else 1}"]
+    if batch:
+        overrides.append(f"--training.per_device_train_batch_size={batch}")
     if accel:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accel, "--num_processes",
                str(nproc), "-m", "pipeline", "train", recipe, *overrides]
@@ -98,6 +100,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--batch", type=int, help="per-device batch (default: the recipe's)")
     ap.add_argument("--cprofile", action="store_true", help="run the non-launcher runs under cProfile (OUT/NAME.prof)")
     ap.add_argument("--code", default="", help="the commit measured (recorded in the JSON)")
     args = ap.parse_args()
@@ -112,7 +115,7 @@ def main():
               "runs": []}
     for name in args.runs.split(","):
         row = run(name, Path(args.ckpt), Path(args.data).resolve(), out, args.steps, args.accum, args.nproc,
-                  args.cprofile)
+                  args.cprofile, args.batch)
         print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
         result["runs"].append(row)
         (out / "train_7b_shape.json").write_text(json.dumps(result, indent=1))
