@@ -217,9 +217,10 @@ def init_time() -> None:
 def train_7b() -> None:
     d = json.loads((R / "train_7b_shape.json").read_text())
     lines = ["# Mistral-7B-shaped training through the CLI (random weights, 32 layers)", "",
-             "`python -m pipeline train` on the Mistral recipes (per-device batch 2, max length 512, bf16, gradient "
-             "checkpointing, r = 64, all seven projections) on GSM8K-format rows, with gradient accumulation cut to 4 "
-             "so a step takes seconds; step time and tokens/s over the steps after the first.", ""]
+             "`python -m pipeline train` on the Mistral recipes (max length 512, bf16, gradient checkpointing, r = 64, "
+             "all seven projections) on GSM8K-format rows, with gradient accumulation cut so a step takes seconds; "
+             "per-device batch 2 (the published recipe's, the recipes' value before 02279c2) unless a section says "
+             "16 (the recipes' value since); step time and tokens/s over the steps after the first.", ""]
     for s in d["sets"]:
         lines += [f"## {s['note']}", "", f"Machine: {s['machine']}. Code {s['code']}. "
                   f"{s['settings']['steps']} steps, accumulation {s['settings']['accum']}, "
