@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from child import emit, run_child  # noqa: E402
 
 
 def run_one(args) -> dict:
@@ -70,19 +71,15 @@ def main() -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args)))
+        emit(run_one(args))
         return 0
 
     results = []
     for backend in args.backends.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", backend]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"{backend} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        r = run_child(__file__, sys.argv[1:], backend)
+        if r is None:
             continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        r = results[-1]
+        results.append(r)
         print(f"{backend}: {r['tokens_per_s']:.0f} tok/s, {r['prompts_per_s']:.2f} prompts/s, "
               f"load {r['load_s']:.0f} s, GSM8K strict {100 * r['gsm8k_strict']:.1f}% on {r['prompts']}")
     if not results:

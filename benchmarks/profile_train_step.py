@@ -12,8 +12,8 @@ kernel and operator counts per step. GPU kernel ms well below the wall means the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from child import emit, run_child  # noqa: E402
+
 
 def profiled_run(args) -> None:
     """In this process: `pipeline train` with a profiling callback; prints RESULT <json>."""
     import torch
-    from train_7b_shape import RUNS
+    from train_7b_shape import RUNS, overrides
     from transformers import TrainerCallback
 
     import pipeline.train as train_mod
@@ -58,8 +60,16 @@ def profiled_run(args) -> None:
                 summarize(self.prof, wall, args, result)
                 self.prof = None
 
-    make = train_mod.make_trainer
     timeline = result.setdefault("timeline", []) if args.timeline else None
+    gc_ms, gc_t0 = [0.0], [0.0]  # GC pauses, summed (--timeline)
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_ms[0] += 1000 * (time.perf_counter() - gc_t0[0])
+
+    make = train_mod.make_trainer
 
     def make_trainer(*a, **kw):
         trainer = make(*a, **kw)
@@ -82,32 +92,15 @@ def profiled_run(args) -> None:
         trainer.training_step = training_step
         return trainer
 
-    gc_ms, gc_t0 = [0.0], [0.0]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            gc_t0[0] = time.perf_counter()
-        else:
-            gc_ms[0] += 1000 * (time.perf_counter() - gc_t0[0])
-
-    if args.timeline:
-        import gc
-
+    if timeline is not None:
         gc.callbacks.append(on_gc)
-
     train_mod.make_trainer = make_trainer
     recipe = RUNS[args.one][0]
-    out = Path(args.out)
-    overrides = [f"--name=prof-{args.one}", f"--output_dir={out / 'runs'}", f"--model.name_or_path={args.model}",
-                 f"--data.source={args.data}", "--data.format=gsm8k", "--data.split=train[:2000]",
-                 f"--training.max_steps={args.skip + args.steps}",
-                 f"--training.gradient_accumulation_steps={args.accum}", "--training.report_to=none",
-                 f"--training.per_device_train_batch_size={args.batch}",
-                 "--training.save_steps=100000", "--training.logging_steps=1", "--launcher.num_processes=1"]
-    rc = cli_main(["train", recipe, *overrides])
-    result["returncode"] = rc
-    result["command"] = " ".join(["python -m pipeline train", recipe, *overrides])
-    print("RESULT " + json.dumps(result))
+    args_ = overrides(f"prof-{args.one}", Path(args.model), Path(args.data), Path(args.out), args.skip + args.steps,
+                      args.accum, 1, args.batch)
+    result["returncode"] = cli_main(["train", recipe, *args_])
+    result["command"] = " ".join(["python -m pipeline train", recipe, *args_])
+    emit(result)
 
 
 def summarize(prof, wall: float, args, result: dict) -> None:
@@ -138,7 +131,7 @@ def main() -> int:
     p.add_argument("--skip", type=int, default=3, help="optimizer steps before the profiled ones")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps profiled")
     p.add_argument("--accum", type=int, default=4, help="gradient accumulation (micro-batches per step)")
-    p.add_argument("--batch", type=int, default=2, help="per-device batch (the recipes' 2 by default)")
+    p.add_argument("--batch", type=int, help="per-device batch (default: the recipe's)")
     p.add_argument("--timeline", action="store_true",
                    help="no profiler: time every micro-batch (synchronised) with its shape and GC pauses")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -149,13 +142,10 @@ def main() -> int:
         return 0
     rows = []
     for name in args.runs.split(","):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        r = run_child(__file__, sys.argv[1:], name)
+        if r is None:
             continue
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
-        r = rows[-1]
+        rows.append(r)
         if args.timeline:
             ms = [t["ms"] for t in r["timeline"]]
             print(f"{name}: micro-batches {len(ms)}, median {sorted(ms)[len(ms) // 2]:.0f} ms, max {max(ms):.0f} ms, "

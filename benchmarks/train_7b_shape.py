@@ -50,24 +50,29 @@ def build_checkpoint(path: Path, tokenizer_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
+def overrides(run_name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, nproc: int,
+              batch: int | None = None) -> list[str]:
+    """The recipe overrides of a benchmark run: local checkpoint and GSM8K rows, few steps, no saving."""
+    args = [f"--name={run_name}", f"--output_dir={out / 'runs'}", f"--model.name_or_path={ckpt}",
+            f"--data.source={data}", "--data.format=gsm8k", "--data.split=train[:2000]",
+            f"--training.max_steps={steps}", f"--training.gradient_accumulation_steps={accum}",
+            "--training.report_to=none", "--training.save_steps=1000", "--training.logging_steps=1",
+            f"--launcher.num_processes={nproc}"]
+    return args + ([f"--training.per_device_train_batch_size={batch}"] if batch else [])
+
+
 def run(name: str, ckpt: Path, data: Path, out: Path, steps: int, accum: int, nproc: int,
         cprofile: bool = False, batch: int | None = None) -> dict:
     recipe, accel, _ = RUNS[name]
-    overrides = [f"--name=m7b-{name}", f"--output_dir={out / 'runs'}", f"--model.name_or_path={ckpt}",
-                 f"--data.source={data}", "--data.format=gsm8k", "--data.split=train[:2000]",
-                 f"--training.max_steps={steps}", f"--training.gradient_accumulation_steps={accum}",
-                 "--training.report_to=none", "--training.save_steps=1000", "--training.logging_steps=1",
-                 f"--launcher.num_processes={nproc if accel else 1}"]
-    if batch:
-        overrides.append(f"--training.per_device_train_batch_size={batch}")
+    overrides_ = overrides(f"m7b-{name}", ckpt, data, out, steps, accum, nproc if accel else 1, batch)
     if accel:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accel, "--num_processes",
-               str(nproc), "-m", "pipeline", "train", recipe, *overrides]
+               str(nproc), "-m", "pipeline", "train", recipe, *overrides_]
     elif cprofile:  # host-side hot spots of the whole run, for pstats
         cmd = [sys.executable, "-m", "cProfile", "-o", str(out / f"{name}.prof"), "-m", "pipeline", "train", recipe,
-               *overrides]
+               *overrides_]
     else:
-        cmd = [sys.executable, "-m", "pipeline", "train", recipe, *overrides]
+        cmd = [sys.executable, "-m", "pipeline", "train", recipe, *overrides_]
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     row = {"run": name, "command": " ".join(cmd), "wall_s": round(time.time() - t, 1), "returncode": proc.returncode}
