@@ -5,7 +5,8 @@ the Mistral recipes' settings, and report step time, tokens/s and peak GPU memor
 
 The checkpoint uses the given tokenizer's vocabulary (the host has no hub access: SmolLM2's 49,152 tokens instead
 of Mistral's 32,000; everything else is Mistral-7B's shape). Gradient accumulation is cut to --accum so a step
-takes seconds; per-device batch 2, max length 512, bf16, gradient checkpointing, r = 64 as in the recipes.
+takes seconds; per-device batch as in the recipes (16; --batch N overrides), max length 512, bf16, gradient
+checkpointing, r = 64.
 """
 
 import argparse
