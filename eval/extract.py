@@ -117,3 +117,64 @@ def math_prediction(completion: str) -> str | None:
     """MATH answer: after `The answer is: ` (MetaMath-trained models) else the last `\\boxed{}`."""
     answer = metamath_math_answer(completion)
     return answer if answer is not None else last_boxed(completion)
+
+
+def first_number(text: str) -> float | None:
+    """The first number in `text` read in full (sign, thousands groups, decimals, `a/b`), not rounded."""
+    match = _NUMBER.search(text)
+    return parse_number(match.group()) if match else None
+
+
+def answer_line(completion: str) -> str | None:
+    """The text after the last `The answer is: ` up to the end of its line, one trailing '.' dropped; None when the
+    completion never says it. For answers that are words or times rather than numbers."""
+    text = after_answer_prefix(completion)
+    if text is None:
+        return None
+    text = text.strip().split("\n")[0].strip()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+# A letter ends at `)`, punctuation or the line's end: "A DNA sequence ..." is an option's text, not "A".
+_LETTER_AT_START = re.compile(r"^\(?([A-E])(?=\)|[.,:;]|\s*$)")
+_LETTER_AFTER_ANSWER_IS = re.compile(r"answer is:?\s*\(([A-Ea-e])\)|answer is:?\s*([A-E])(?=\)|[.,:;]|\s*$)",
+                                     re.MULTILINE)
+
+
+def choice_letter(completion: str) -> str | None:
+    """Multiple choice, strict: the letter (A-E, optionally in parentheses) that opens the text after the last
+    `The answer is: `: `B`, `(B) 16`, `B) 16`, `B.`; not `B 16`."""
+    text = after_answer_prefix(completion)
+    if text is None:
+        return None
+    match = _LETTER_AT_START.match(text.strip())
+    return match.group(1) if match else None
+
+
+def choice_letter_anywhere(completion: str) -> str | None:
+    """Multiple choice, flexible: the last `answer is (X)` / `answer is X` anywhere (Qwen2.5-Math's reading)."""
+    matches = _LETTER_AFTER_ANSWER_IS.findall(completion)
+    if not matches:
+        return None
+    paren, bare = matches[-1]
+    return (paren or bare).upper()
+
+
+_NUM = r"(?:\d+\.?\d*|\.\d+)"
+_TIMES_TEN = re.compile(rf"([-+]?{_NUM})(?:\\times|\\cdot|\*|x)10\^\{{?([-+]?\d+)\}}?")
+
+
+def plain_number(s: str | None) -> float | None:
+    """`s` as one number when it is nothing else: `12`, `-1./3`, `4.5e33`, `4.5 \\times 10^{33}`, `1,234`;
+    None for anything else (an expression, a unit, words)."""
+    if s is None:
+        return None
+    s = s.strip().strip("$").replace(" ", "").replace("\\,", "").replace("{,}", ",")
+    match = _TIMES_TEN.fullmatch(s)
+    if match:
+        return float(match.group(1)) * 10 ** int(match.group(2))
+    if re.fullmatch(rf"[-+]?(?:\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?|{_NUM}(?:[eE][-+]?\d+)?)", s):
+        return float(s.replace(",", ""))
+    if re.fullmatch(rf"[-+]?{_NUM}/{_NUM}", s):
+        return parse_number(s)
+    return None

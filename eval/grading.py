@@ -114,3 +114,24 @@ def math_verify_equal(pred: str | None, gold: str | None) -> bool:
 
 def numbers_equal(a: float | None, b: float | None, tol: float = 1e-6) -> bool:
     return a is not None and b is not None and abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b)))
+
+
+def numbers_close(a: float | None, b: float | None, rel_tol: float = 1e-4) -> bool:
+    """Equal within a relative 1e-4 (Qwen2.5-Math's `math_equal` tolerance), for the suite's numeric answers."""
+    import math
+
+    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def normalize_text(s: str) -> str:
+    """Word answers (names, yes/no, times, ratios): lower case, no spaces, `,`, `$`, quotes or `\\text{}`, no `.`
+    except a decimal point (`3:30 p.m.` -> `3:30pm`, `2.5 %` -> `2.5%`)."""
+    import re
+
+    s = s.replace("\\text{", "").replace("}", "").replace("{", "")
+    s = re.sub(r"(?<!\d)\.|\.(?!\d)", "", s)
+    return "".join(c for c in s.lower() if not c.isspace() and c not in ",$\"'`")
+
+
+def text_equal(pred: str | None, gold: str) -> bool:
+    return pred is not None and normalize_text(pred) == normalize_text(gold) != ""

