@@ -17,7 +17,7 @@ COMMANDS = {
     "validate": ("pipeline.validate", "check a recipe without a GPU or a download and print it resolved"),
     "merge": ("pipeline.merge", "merge an adapter into its base and write a plain Hugging Face checkpoint"),
     "serve": ("pipeline.serve", "serve a merged checkpoint with vLLM's OpenAI-compatible server"),
-    "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH"),
+    "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH / the math suite"),
     "run": ("pipeline.run", "train, merge and evaluate one recipe end to end"),
 }
 
