@@ -78,14 +78,21 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
     if not tasks:
         return None
     panels = [("accuracy per task", {f"{n}\n{m}": a for n, t in tasks.items() for m, a in t["accuracy"].items()})]
+    if len(panels[0][1]) > 8:  # a suite: each task's headline metric only, or the bars cannot be read
+        panels = [("headline accuracy per task", {f"{n}\n{next(iter(t['accuracy']))}": next(iter(
+            t["accuracy"].values())) for n, t in tasks.items()})]
     for name, t in tasks.items():
         headline = next(iter(t["accuracy"]))
         for key in ("subject", "level"):
             if t.get(f"by_{key}"):
                 panels.append((f"{name} by {key} ({headline})",
                                {g: v[headline] for g, v in t[f"by_{key}"].items()}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels):
+    cols = min(4, len(panels))  # the suite has a dozen panels: wrap them into rows
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, values) in zip(axes.flat, panels):
         bars = ax.bar(range(len(values)), [100 * v for v in values.values()], color="tab:blue")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         tilt = max(len(k) for k in values) > 8

@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("pipeline.serve", "serve a merged checkpoint with vLLM's OpenAI-compatible server"),
     "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH / the math suite"),
     "run": ("pipeline.run", "train, merge and evaluate one recipe end to end"),
+    "compare": ("pipeline.compare", "put several models' eval results side by side, with paired significance"),
 }
 
 

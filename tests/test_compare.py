@@ -1,0 +1,96 @@
+"""`python -m pipeline compare`: statistics pinned by hand, and the command on real eval dirs made by `pipeline eval`
+(grading saved completions) in a run-dir and a plain eval-dir layout."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.compare import mcnemar_exact, paired, paired_bootstrap
+
+ROWS = [{"question": f"What is {i} + 0?", "answer": f"{i} + 0 = {i}\n#### {i}"} for i in range(20)]
+
+
+def test_mcnemar_exact_by_hand():
+    # b = 1, c = 9: n = 10, P(X <= 1) = (C(10,0) + C(10,1)) / 2^10 = 11/1024, two-sided 22/1024
+    assert mcnemar_exact(1, 9) == 22 / 1024 == mcnemar_exact(9, 1)
+    assert mcnemar_exact(0, 6) == 2 / 64
+    # b = 5, c = 10: 2 * (1 + 15 + 105 + 455 + 1365 + 3003) / 2^15
+    assert mcnemar_exact(5, 10) == 2 * 4944 / 32768
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0  # capped at 1; no discordant pairs
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for b, c in [(1, 9), (5, 10), (12, 30), (0, 6)]:
+        assert math.isclose(mcnemar_exact(b, c), scipy_stats.binomtest(b, b + c, 0.5).pvalue, rel_tol=1e-12)
+
+
+def test_paired_bootstrap_matches_resampling_and_the_normal_interval():
+    a = [0] * 50 + [1] * 50
+    b = [1] * 60 + [0] * 40  # 50 pairs only B right, 40 only A right, 10 both: diff = +0.10
+    lo, hi = paired_bootstrap(a, b)
+    assert paired_bootstrap(a, b) == (lo, hi)  # seeded: the same numbers every run
+    # the normal approximation: mean 0.1, var of a pair's difference 0.9 - 0.01 = 0.89
+    half = 1.96 * math.sqrt(0.89 / 100)
+    assert abs(lo - (0.1 - half)) < 0.015 and abs(hi - (0.1 + half)) < 0.015
+    # resampling indices directly (what the multinomial shortcut stands for)
+    diff = np.array(b) - np.array(a)
+    idx = np.random.default_rng(1).integers(0, 100, size=(10_000, 100))
+    direct = np.percentile(diff[idx].mean(axis=1), [2.5, 97.5])
+    assert abs(direct[0] - lo) <= 0.011 and abs(direct[1] - hi) <= 0.011
+    assert paired_bootstrap([0, 1, 1], [1, 1, 1]) != (0.0, 0.0)
+    assert paired_bootstrap([1] * 10, [1] * 10) == (0.0, 0.0)  # identical results: no spread
+    assert paired_bootstrap([0] * 10, [1] * 10) == (1.0, 1.0)
+
+
+def test_paired_skips_problems_that_differ():
+    a = {"1": {"question": "q1", "gold": 1, "scores": {"s": 1}}, "2": {"question": "q2", "gold": 2, "scores": {"s": 0}}}
+    b = {"1": {"question": "q1", "gold": 1, "scores": {"s": 0}}, "2": {"question": "other", "gold": 2,
+                                                                      "scores": {"s": 1}}}
+    note = paired(a, b, "s")
+    assert (note["n"], note["only_a"], note["only_b"], note["diff"]) == (1, 1, 0, -1.0)
+
+
+def _eval_dir(tmp_path, data, out, right: set[int]):
+    """A real eval dir: `pipeline eval` grading completions that are right exactly on the ids in `right`."""
+    preds = tmp_path / f"{out.name}-preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": str(i), "completion": f"The answer is: {i if i in right else -1}"})
+                             + "\n" for i in range(len(ROWS))))
+    assert cli_main(["eval", "--tasks", "gsm8k", "--predictions", str(preds), "--data-file", f"gsm8k={data}",
+                     "--out", str(out)]) == 0
+    return out
+
+
+def test_compare_cli_on_real_eval_dirs(tmp_path, capsys):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    base = _eval_dir(tmp_path, data, tmp_path / "eval" / "base", set(range(10)))
+    _eval_dir(tmp_path, data, tmp_path / "runs" / "edora" / "eval", set(range(16)))  # a run dir's eval/
+    lora = _eval_dir(tmp_path, data, tmp_path / "eval" / "lora", set(range(5, 20)))
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", str(base), str(tmp_path / "runs" / "edora"), str(lora), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "compare.json").read_text())
+    assert [m["label"] for m in result["models"]] == ["base", "edora", "lora"]
+    strict = next(r for r in result["table"] if (r["task"], r["metric"]) == ("gsm8k", "strict"))
+    assert {k: (v["correct"], v["n"]) for k, v in strict["models"].items()} == {
+        "base": (10, 20), "edora": (16, 20), "lora": (15, 20)}
+    pairs = {(p["a"], p["b"]): p for p in result["pairs"] if p["metric"] == "strict"}
+    assert set(pairs) == {("base", "edora"), ("base", "lora"), ("edora", "lora")}
+    p = pairs[("base", "edora")]  # ids 10-15 right only for edora
+    assert (p["n"], p["only_a"], p["only_b"], p["diff"], p["mcnemar_p"]) == (20, 0, 6, 0.3, 2 / 64)
+    p = pairs[("base", "lora")]  # 0-4 only base, 10-19 only lora
+    assert (p["only_a"], p["only_b"], p["diff"], p["mcnemar_p"]) == (5, 10, 0.25, 2 * 4944 / 32768)
+    assert p["ci95"][0] < 0.25 < p["ci95"][1]
+    md = (out / "compare.md").read_text()
+    assert "| gsm8k | strict | 50.00% (10/20) | 80.00% (16/20) | 75.00% (15/20) |" in md
+    assert "| gsm8k | strict | base | edora | 20 | +30.00 pts |" in md and "0.0312 |" in md
+    assert md in printed
+    assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_errors_name_the_fix(tmp_path, capsys):
+    assert cli_main(["compare", str(tmp_path)]) == 2
+    assert "no summary.json there" in capsys.readouterr().err
+    assert cli_main(["compare", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
