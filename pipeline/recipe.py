@@ -141,8 +141,10 @@ class TrainingConfig:
     save_total_limit: int | None = _help("Checkpoints kept on disk (oldest deleted); null keeps all.", default=3)
     eval_steps: int | None = _help("Evaluate every this many steps when eval data is set; null = save_steps.",
                                    default=None)
-    report_to: Literal["none", "tensorboard"] = _help("Where metrics go besides runs/<name>/metrics.jsonl.",
-                                                      default="none")
+    report_to: str | list[str] = _help(
+        "Trackers the metrics go to besides runs/<name>/metrics.jsonl, as transformers names them: none, wandb, "
+        "mlflow, trackio, tensorboard, ... or a list; `pipeline run` logs the eval results to the same run "
+        "(wandb, tensorboard).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
 
 
@@ -298,6 +300,12 @@ def _coerce(tp, value):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return (value in args and not isinstance(value, bool)), value
+    if origin in (typing.Union, types.UnionType) and type(None) not in args:  # X | Y: the first that fits
+        for arm in args:
+            ok, coerced = _coerce(arm, value)
+            if ok:
+                return True, coerced
+        return False, None
     if args and type(None) in args:  # Optional[X] / X | None
         if value is None:
             return True, None
@@ -592,6 +600,11 @@ def _check(r: Recipe, c: _Checker) -> None:
         c.cross(("training.eval_steps",), "no eval data: set data.eval_size, data.eval_source or data.eval_split")
     if t.dataloader_num_workers < 0:
         c.err("training.dataloader_num_workers", f"{t.dataloader_num_workers} must be >= 0")
+    if "training.report_to" not in c.bad:
+        from pipeline import trackers
+
+        if trackers.problems(t.report_to):
+            c.err("training.report_to", "; ".join(trackers.problems(t.report_to)))
     if t.bf16 and t.fp16:
         c.cross(("training.bf16", "training.fp16"), "bf16 and fp16 are both true; pick one")
     if t.fp16 and m.dtype == "bfloat16":

@@ -62,6 +62,7 @@ def train(recipe, resume: bool = False):
     from transformers import set_seed
     from trl import SFTConfig
 
+    from pipeline import trackers
     from pipeline.data import load_sft_dataset, truncation_report
     from pipeline.modeling import load_model, load_tokenizer
     from pipeline.recipe import build_peft_config, save_recipe
@@ -77,6 +78,7 @@ def train(recipe, resume: bool = False):
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
     set_seed(recipe.seed)
+    trackers.prepare(run_dir)
 
     # SFTConfig first: under a ZeRO-3 launcher it activates DeepSpeed so from_pretrained loads the model sharded.
     # use_cpu without a GPU: otherwise a multi-process CPU launch (gloo) sees world size 1 and DeepSpeed's
@@ -130,6 +132,7 @@ def train(recipe, resume: bool = False):
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir)
+        trackers.record(run_dir, trainer)
     return trainer
 
 
