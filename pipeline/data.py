@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer")}
+FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer"), "alpaca": ("instruction", "output"),
+          "messages": ("messages", None)}
+CHAT_ROLES = ("system", "user", "assistant")
 MAX_EXAMPLES = 5  # malformed rows named in logs and stats
 _SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
 _CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: 48/2 = <<48/2=24>>24
@@ -87,10 +89,44 @@ def to_prompt_completion(query: str, response: str) -> dict:
     return {"prompt": metamath_prompt(query.strip()), "completion": " " + response.strip()}
 
 
-def map_row(row, fmt: str, query_field: str, response_field: str) -> dict:
-    """One raw row -> {prompt, completion}; ValueError naming what is wrong for a malformed row."""
+def alpaca_query(instruction: str, input_text) -> str:
+    """Alpaca's instruction and optional input as one instruction (the input follows after a blank line)."""
+    if input_text is not None and not isinstance(input_text, str):
+        raise ValueError(f"field 'input' is not text: {str(input_text)[:40]!r}")
+    extra = (input_text or "").strip()
+    return f"{instruction.strip()}\n\n{extra}" if extra else instruction.strip()
+
+
+def messages_examples(turns, field: str = "messages") -> list[dict]:
+    """A conversation -> one conversational prompt/completion example per assistant turn (prompt = every turn before
+    it), so the loss covers each assistant turn and nothing else; the model's chat template renders them."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field '{field}' is not a non-empty list of turns")
+    clean = []
+    for i, turn in enumerate(turns, 1):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise ValueError(f"{field} turn {i} is not {{'role': ..., 'content': text}}: {str(turn)[:60]!r}")
+        if turn["role"] not in CHAT_ROLES:
+            raise ValueError(f"{field} turn {i}: role {turn['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not turn["content"].strip():
+            raise ValueError(f"{field} turn {i} ({turn['role']}) is empty")
+        clean.append({"role": turn["role"], "content": turn["content"]})
+    out = [{"prompt": clean[:i], "completion": [t]} for i, t in enumerate(clean)
+           if t["role"] == "assistant" and any(p["role"] == "user" for p in clean[:i])]
+    if not out:
+        raise ValueError(f"{field} has no assistant turn after a user turn")
+    return out
+
+
+def map_row(row, fmt: str, query_field: str, response_field: str) -> dict | list[dict]:
+    """One raw row -> {prompt, completion} (a list of them for a conversation); ValueError naming what is wrong for
+    a malformed row."""
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object: {str(row)[:60]!r}")
+    if fmt == "messages":
+        if query_field not in row:
+            raise ValueError(f"field '{query_field}' is missing")
+        return messages_examples(row[query_field], query_field)
     for key in (query_field, response_field):
         value = row[key] if key in row else None
         if value is None:
@@ -102,16 +138,18 @@ def map_row(row, fmt: str, query_field: str, response_field: str) -> dict:
     response = row[response_field]
     if fmt == "gsm8k":
         response = gsm8k_solution(response)
-    return to_prompt_completion(row[query_field], response)
+    query = alpaca_query(row[query_field], row.get("input")) if fmt == "alpaca" else row[query_field]
+    return to_prompt_completion(query, response)
 
 
 def detect_format(columns) -> str:
     columns = set(columns)
     for fmt, fields in FIELDS.items():
-        if set(fields) <= columns:
+        if {f for f in fields if f} <= columns:
             return fmt
     raise UserError(f"cannot tell the data format from the fields {sorted(columns)}: MetaMathQA rows have "
-                    f"query/response, GSM8K rows question/answer; set data.format and data.query_field/response_field")
+                    f"query/response, GSM8K rows question/answer, Alpaca rows instruction/output (+ input), chat rows "
+                    f"messages; set data.format and data.query_field/response_field")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +212,8 @@ def load_rows(source: str, split: str, fmt: str = "auto", query_field: str | Non
     mapped, malformed, types = [], [], Counter()
     for loc, row in rows:
         try:
-            mapped.append(map_row(row, fmt, q_field, r_field))
+            example = map_row(row, fmt, q_field, r_field)
+            mapped.extend(example if isinstance(example, list) else [example])
         except ValueError as e:
             malformed.append(f"{loc}: {e}")
             continue
@@ -222,11 +261,12 @@ def truncation_report(dataset, tokenizer, max_length: int, batch_size: int = 100
     lengths, prompt_full, first = [], 0, []
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start:start + batch_size]
-        texts = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
-        ids = tokenizer(texts)["input_ids"]
-        prompt_ids = tokenizer(batch["prompt"])["input_ids"]
+        texts, prompts = _texts(batch, tokenizer)
+        chat = isinstance(batch["prompt"][0], list)  # the template holds its own special tokens, TRL adds no EOS
+        ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+        prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
         for i, (full, prompt, text) in enumerate(zip(ids, prompt_ids, texts)):
-            n = len(full) + (1 if eos and not text.endswith(eos) else 0)
+            n = len(full) + (1 if eos and not chat and not text.endswith(eos) else 0)
             lengths.append(n)
             if n > max_length and len(first) < MAX_EXAMPLES:
                 first.append(start + i)
@@ -237,3 +277,12 @@ def truncation_report(dataset, tokenizer, max_length: int, batch_size: int = 100
             "truncated_fraction": truncated / rows if rows else 0.0, "prompt_too_long": prompt_full,
             "max_tokens": max(lengths, default=0), "mean_tokens": sum(lengths) / rows if rows else 0.0,
             "first_truncated": first}
+
+
+def _texts(batch: dict, tokenizer) -> tuple[list[str], list[str]]:
+    """(prompt + completion, prompt) texts of a batch; conversations rendered with the chat template, as TRL does."""
+    if not isinstance(batch["prompt"][0], list):
+        return [p + c for p, c in zip(batch["prompt"], batch["completion"])], list(batch["prompt"])
+    full = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(batch["prompt"], batch["completion"])]
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch["prompt"]]
+    return full, prompts

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int,
                         help="hf: prompts per generate call (default 8); openai: requests in flight (default 32); "
                              "vllm: ignored (vLLM batches everything itself)")
+    parser.add_argument("--prompt", choices=("auto", "metamath", "chat"), default="auto",
+                        help="metamath: the MetaMath Alpaca prompt; chat: the question as a user turn in the model's "
+                             "chat template; auto (default): what the model was trained on (edora_meta.json in the "
+                             "model dir or in ../adapter), else metamath")
     parser.add_argument("--max-tokens", type=int,
                         help="override the tasks' max new tokens (gsm8k 1024, math 2048) for quick smoke runs; "
                              "scores are then not comparable to published ones")
@@ -134,6 +138,37 @@ def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
     path.write_text(json.dumps(old, indent=2) + "\n")
 
 
+def trained_prompt_format(model: str | None) -> str | None:
+    """The prompt format a training run recorded for this model (runs/<name>/adapter/edora_meta.json), if any."""
+    if not model or not Path(model).is_dir():
+        return None
+    for meta in (Path(model) / "edora_meta.json", Path(model).parent / "adapter" / "edora_meta.json"):
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("prompt_format")
+    return None
+
+
+def chat_renderer(model: str):
+    """(render(question) -> text, the template): the question as one user turn in the model's chat template, with the
+    generation prompt. A leading BOS is dropped: the backends' tokenizers add it again."""
+    from pipeline.modeling import load_tokenizer
+
+    try:
+        tok = load_tokenizer(model)
+    except OSError as e:
+        raise UserError(f"--prompt chat needs the model's tokenizer: {e}") from None
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        raise UserError(f"--prompt chat: the tokenizer of {model} has no chat template; use --prompt metamath")
+
+    def render(question: str) -> str:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
+
+    return render, template
+
+
 def _graded_row(task, sample, completion: str, tokens: int | None, backend: str) -> dict:
     return {"task": task.name, "id": sample.id, "question": sample.question, "gold": sample.gold,
             "subject": sample.subject, "level": sample.level, "completion": completion, "generated_tokens": tokens,
@@ -215,6 +250,12 @@ def main(args) -> int:
             raise UserError(str(e)) from None
         logger.info("%s: %d samples from %s", task.name, len(all_samples[task.name]), data_info[task.name]["source"])
     samples = {n: s[:args.limit] if args.limit else s for n, s in all_samples.items()}
+    prompt_format = args.prompt if args.prompt != "auto" else trained_prompt_format(args.model) or "metamath"
+    render, prompt_text = None, METAMATH_PROMPT
+    if prompt_format == "chat" and not args.predictions:
+        render, template = chat_renderer(args.model)
+        prompt_text = "chat template: " + template
+        logger.info("prompt: the question as a user turn in %s's chat template", args.model)
     sampling = {t.name: Sampling(max_tokens=args.max_tokens or t.max_tokens, stop=tuple(t.stop)) for t in tasks}
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +263,7 @@ def main(args) -> int:
     run = {"model": model_name,
            "tasks": {t.name: {"data": data_info[t.name]["source"], "data_sha256": data_info[t.name]["sha256"],
                               "sampling": None if args.predictions else sampling[t.name].to_dict(),
-                              "prompt": METAMATH_PROMPT} for t in tasks}}
+                              "prompt": prompt_text} for t in tasks}}
     samples_path = out_dir / "samples.jsonl"
     try:
         done = load_done(samples_path)
@@ -259,7 +300,8 @@ def main(args) -> int:
                 logger.info("%s: generating %d completions with %s (%s)", task.name, len(todo), args.backend,
                             sampling[task.name].to_dict())
                 t0 = time.time()
-                results = backend.generate([task.prompt(s) for s in todo], sampling[task.name])
+                prompts = [render(s.question) if render else task.prompt(s) for s in todo]
+                results = backend.generate(prompts, sampling[task.name])
                 try:
                     for i, completion, tokens in tqdm(results, total=len(todo), desc=f"{task.name} ({args.backend})"):
                         row = _graded_row(task, todo[i], completion, tokens, args.backend)
@@ -284,7 +326,7 @@ def main(args) -> int:
     summary = {
         "model": model_name, "backend": "+".join(sorted(backends_used)) or args.backend,
         "sampling": None if args.predictions else {n: s.to_dict() for n, s in sampling.items()},
-        "prompt": METAMATH_PROMPT, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
+        "prompt": prompt_text, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
         "wall_time_s": time.time() - started, "generation_time_s": gen_seconds, "generated_tokens": gen_tokens,
         "generated_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else 0.0,
         "resumed_samples": n_done, "command": " ".join(sys.argv),

@@ -99,12 +99,16 @@ class DataConfig:
                         default="meta-math/MetaMathQA")
     split: str = _help("Split with optional slice: train, train[:100000], train[10%:20%]. A local file has one "
                        "split, train.", default="train")
-    format: Literal["auto", "metamathqa", "gsm8k"] = _help(
-        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), or auto "
-        "(detected from the fields).", default="auto")
-    query_field: str | None = _help("Column holding the question, if not the format's own (query / question).",
+    format: Literal["auto", "metamathqa", "gsm8k", "alpaca", "messages"] = _help(
+        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), alpaca "
+        "(instruction, optional input, output), messages (a list of role/content turns, trained with the model's "
+        "chat template, loss on the assistant turns; eval then uses the chat template too), or auto (detected from "
+        "the fields).", default="auto")
+    query_field: str | None = _help("Column holding the question, if not the format's own (query / question / "
+                                    "instruction; for messages: the column holding the turns).",
                                     default=None)
-    response_field: str | None = _help("Column holding the solution, if not the format's own (response / answer).",
+    response_field: str | None = _help("Column holding the solution, if not the format's own (response / answer / "
+                                       "output); not used by messages.",
                                        default=None)
     max_length: int = _help("Max tokens per example (prompt + completion); longer ones are truncated.", default=512)
     eval_source: str | None = _help("Eval dataset (hub id or local file); null: data.source if eval_split is set.",
@@ -555,7 +559,10 @@ def _check(r: Recipe, c: _Checker) -> None:
         c.err("data.source", "is empty; give a hub id or a local .jsonl/.json/.parquet file")
     if (d.query_field or d.response_field) and d.format == "auto":
         c.cross(("data.format", "data.query_field", "data.response_field"),
-                "set data.format (metamathqa or gsm8k) when renaming fields")
+                "set data.format (metamathqa, gsm8k, alpaca or messages) when renaming fields")
+    if d.format == "messages" and d.response_field:
+        c.cross(("data.response_field",), "messages rows keep the answer in the assistant turns; drop "
+                                          "data.response_field (data.query_field names the turns column)")
     if d.max_length < 16:
         c.err("data.max_length", f"{d.max_length} is too small; the prompt alone is ~50 tokens (use e.g. 512)")
     if d.num_proc is not None and d.num_proc < 1:

@@ -56,6 +56,9 @@ def main(args) -> int:
             cmd += ["--limit", str(args.limit)]
         if args.max_tokens:
             cmd += ["--max-tokens", str(args.max_tokens)]
+        from pipeline.evaluate import trained_prompt_format
+
+        cmd += ["--prompt", trained_prompt_format(str(adapter)) or "metamath"]  # eval as trained
         for spec in args.data_file:
             cmd += ["--data-file", spec]
         code = cli_main(cmd)

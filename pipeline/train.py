@@ -101,6 +101,10 @@ def train(recipe, resume: bool = False):
                        quantization_config=quant, device_map=device_map)
 
     train_ds, eval_ds, stats = load_sft_dataset(recipe.data, recipe.seed)
+    prompt_format = "chat" if stats["train"]["format"] == "messages" else "metamath"
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"data.format messages needs a chat template, and the tokenizer of {recipe.model.name_or_path} "
+                        "has none; use a chat model, or data.format alpaca / metamathqa")
     stats["truncation"] = truncation_report(train_ds, tokenizer, recipe.data.max_length)
     logger.info("data: %d training rows (%d malformed dropped), %d truncated at max_length=%d",
                 len(train_ds), stats["train"]["malformed"], stats["truncation"]["truncated"], recipe.data.max_length)
@@ -132,6 +136,7 @@ def train(recipe, resume: bool = False):
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir)
+        record_prompt_format(adapter_dir, prompt_format)
         trackers.record(run_dir, trainer)
     return trainer
 
@@ -203,6 +208,15 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
     logger.info("adapter saved to %s; merge it with: python -m pipeline merge --adapter %s", adapter_dir, adapter_dir)
+
+
+def record_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
+    """The prompt the model was trained on (metamath: the Alpaca text; chat: the tokenizer's chat template), in
+    edora_meta.json: `pipeline eval --prompt auto` (and so `pipeline run`) evaluates with the same."""
+    path = adapter_dir / META_FILE
+    meta = json.loads(path.read_text())
+    meta["prompt_format"] = prompt_format
+    path.write_text(json.dumps(meta, indent=2))
 
 
 def read_metrics(path: Path) -> list[dict]:
