@@ -51,10 +51,15 @@ def problems(report_to: str | list[str]) -> list[str]:
     return out
 
 
+_SET_HERE: set[str] = set()  # variables this module set (a later run in the same process moves them)
+
+
 def prepare(run_dir: Path) -> None:
     """Keep tracker files inside the run dir unless the user already pointed them elsewhere."""
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+    for key, value in (("WANDB_DIR", str(run_dir)), ("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())):
+        if key not in os.environ or key in _SET_HERE:
+            os.environ[key] = value
+            _SET_HERE.add(key)
 
 
 def record(run_dir: Path, trainer) -> dict:

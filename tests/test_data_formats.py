@@ -8,10 +8,15 @@ from helpers import tiny_llama, tiny_tokenizer
 from test_data import data_cfg, write_jsonl
 from test_train import gsm8k_rows, write_recipe
 
+from pipeline import data
 from pipeline.cli import UserError
 from pipeline.cli import main as cli_main
 from pipeline.data import detect_format, load_rows, load_sft_dataset, map_row, messages_examples, truncation_report
-from pipeline.prompts import metamath_prompt
+
+
+def metamath_prompt(query: str) -> str:
+    """The training prompt every non-chat format gets (whatever its text is, pipeline/prompts.py)."""
+    return data.to_prompt_completion(query, "x")["prompt"]
 
 # a minimal chat template in the usual shape (role header, content, end of turn)
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
