@@ -106,10 +106,10 @@ def test_metamathqa_rows_map(tmp_path):
 
 
 def test_field_overrides_and_unknown_format(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a\nThe answer is: 1"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"task": "q", "target": "a\nThe answer is: 1"}])
     with pytest.raises(UserError, match="cannot tell the data format"):
         load_rows(str(path), "train")
-    ds, _ = load_rows(str(path), "train", "metamathqa", "instruction", "output")
+    ds, _ = load_rows(str(path), "train", "metamathqa", "task", "target")
     assert ds[0]["completion"] == " a\nThe answer is: 1"
 
 
