@@ -263,8 +263,9 @@ def truncation_report(dataset, tokenizer, max_length: int, batch_size: int = 100
         batch = dataset[start:start + batch_size]
         texts, prompts = _texts(batch, tokenizer)
         chat = isinstance(batch["prompt"][0], list)  # the template holds its own special tokens, TRL adds no EOS
-        ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
-        prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+        kw = {"add_special_tokens": False} if chat else {}
+        ids = tokenizer(texts, **kw)["input_ids"]
+        prompt_ids = tokenizer(prompts, **kw)["input_ids"]
         for i, (full, prompt, text) in enumerate(zip(ids, prompt_ids, texts)):
             n = len(full) + (1 if eos and not chat and not text.endswith(eos) else 0)
             lengths.append(n)
