@@ -95,13 +95,15 @@ class AdapterConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = _help("Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file.",
-                        default="meta-math/MetaMathQA")
+    source: str | list[str] = _help(
+        "Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file, or a list of them (read in "
+        "turn with the same split and concatenated; format auto detects each one's fields).",
+        default="meta-math/MetaMathQA")
     split: str = _help("Split with optional slice: train, train[:100000], train[10%:20%]. A local file has one "
                        "split, train.", default="train")
-    format: Literal["auto", "metamathqa", "gsm8k"] = _help(
-        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), or auto "
-        "(detected from the fields).", default="auto")
+    format: Literal["auto", "metamathqa", "gsm8k", "math"] = _help(
+        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), math (problem, "
+        "solution with a final \\boxed{} answer), or auto (detected from the fields).", default="auto")
     query_field: str | None = _help("Column holding the question, if not the format's own (query / question).",
                                     default=None)
     response_field: str | None = _help("Column holding the solution, if not the format's own (response / answer).",
@@ -303,6 +305,12 @@ def _coerce(tp, value):
             return True, None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value)
+    if origin in (typing.Union, types.UnionType):  # X | Y: the first that fits
+        for arm in args:
+            ok, coerced = _coerce(arm, value)
+            if ok:
+                return True, coerced
+        return False, None
     if origin is list:
         ok = isinstance(value, list) and all(_coerce(args[0], v)[0] for v in value)
         return ok, value
@@ -470,7 +478,11 @@ def _check_local(c: _Checker, key: str, spec: str, what: str) -> str:
     return str(path)
 
 
-def _check_split(c: _Checker, key: str, split: str, source: str) -> None:
+def _check_split(c: _Checker, key: str, split: str, source: str | list[str]) -> None:
+    if isinstance(source, list):
+        for one in source:
+            _check_split(c, key, split, one)
+        return
     try:
         name = parse_split(split).name
     except ValueError as e:
@@ -540,7 +552,10 @@ def _check(r: Recipe, c: _Checker) -> None:
         a.lora_alpha = a.r
 
     # data
-    if d.source:
+    if isinstance(d.source, list) and d.source and all(d.source):
+        d.source = [_check_local(c, "data.source", one, "data file") for one in d.source]
+        _check_split(c, "data.split", d.split, d.source)
+    elif d.source and isinstance(d.source, str):
         d.source = _check_local(c, "data.source", d.source, "data file")
         _check_split(c, "data.split", d.split, d.source)
     else:
