@@ -122,6 +122,8 @@ def train(recipe, resume: bool = False):
     log_trainable(trainer.model)
 
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if eval_ds is not None and trainer.state.global_step % sft_args.eval_steps:
+        trainer.evaluate()  # the held-out loss of the final adapter, not only of the last eval_steps multiple
 
     adapter_dir = run_dir / ADAPTER_DIR
     # PEFT records the model's directory; keep the recipe's exact base (a .gguf file, a pkg:// path) for the merge
