@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    help="an extra method row with recipe overrides, e.g. 'edora-r128:edora:adapter.r=128'; it gets "
                         "the grid of METHOD")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--batch", type=int, default=32, help="rows per optimizer step (one micro-batch)")
+    p.add_argument("--batch", type=int, default=32, help="rows per optimizer step")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (batch / accum rows each): memory")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
     p.add_argument("--heldout", type=int, default=500, help="training rows held out for the held-out loss")
@@ -110,7 +111,7 @@ def load_results(path: Path, args) -> dict:
 def setup(args) -> dict:
     """What every row must share (a resumed sweep with other settings is refused)."""
     return {"model": Path(args.model).name, "train_data": [Path(p).name for p in args.train_data.split(",")],
-            "rank": args.rank, "batch": args.batch, "epochs": args.epochs, "max_steps": args.max_steps,
+            "rank": args.rank, "batch": args.batch, "accum": args.accum, "epochs": args.epochs, "max_steps": args.max_steps,
             "heldout": args.heldout, "max_length": args.max_length, "seed": args.seed}
 
 
@@ -131,8 +132,9 @@ def recipe_for(args, name: str, method: str, lr: float, extra: dict, work: Path)
         "data": {"source": args.train_data.split(","), "split": "train", "format": "auto",
                  "max_length": args.max_length, "eval_size": args.heldout},
         "training": {"num_train_epochs": args.epochs, "max_steps": steps_total,
-                     "per_device_train_batch_size": args.batch, "per_device_eval_batch_size": args.batch,
-                     "gradient_accumulation_steps": 1, "learning_rate": lr, "lr_scheduler_type": "cosine",
+                     "per_device_train_batch_size": args.batch // args.accum,
+                     "per_device_eval_batch_size": args.batch // args.accum,
+                     "gradient_accumulation_steps": args.accum, "learning_rate": lr, "lr_scheduler_type": "cosine",
                      "warmup_ratio": 0.03, "weight_decay": 0.0, "bf16": bf16(args), "gradient_checkpointing": False,
                      "logging_steps": 5, "save_steps": 50, "eval_steps": 100, "save_total_limit": 1},
     }
@@ -437,10 +439,11 @@ def main(argv=None) -> int:
     if args.phase in ("eval", "all"):
         run_jobs(eval_jobs(args, res, work, save), args.parallel, deadline)
     if args.phase != "report":
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = os.environ.get("EDORA_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         res["meta"].update(command="python benchmarks/method_compare.py " + " ".join(sys.argv[1:] if argv is None
                                                                                          else argv),
-                           commit=commit.stdout.strip() or os.environ.get("EDORA_COMMIT", "?"), machine=machine())
+                           commit=commit or "?", machine=machine())
     save()
     write_report(res, RESULTS / f"method_compare_{args.label}" if not args.results else path.with_suffix(""))
     print(Path(str(path.with_suffix("")) + ".md").read_text()[-3000:])
