@@ -1,9 +1,10 @@
-"""Training data: MetaMathQA or GSM8K rows -> a prompt/completion dataset for TRL's SFTTrainer.
+"""Training data: MetaMathQA, GSM8K or MATH rows -> a prompt/completion dataset for TRL's SFTTrainer.
 
-Each row becomes `prompt` = the MetaMath Alpaca prompt (ending `### Response: Let's think step by step.`, the text
-evaluation uses) and `completion` = " " + the worked solution, whose last line is `The answer is: <answer>`.
-SFTTrainer appends EOS and computes the loss on the completion only. Rows with missing or empty fields are dropped,
-counted and reported with their line numbers; never silently.
+Each row becomes `prompt` = the MetaMath Alpaca training prompt (ending `### Response:`, as MetaMath's and LoRA-XS's
+training code write it) and `completion` = the worked solution, whose last line is `The answer is: <answer>`, right
+after it. SFTTrainer appends EOS and computes the loss on the completion only (MetaMath: target = response + EOS).
+`Let's think step by step.` belongs to the eval prompt only. Rows with missing or empty fields are dropped, counted
+and reported with their line numbers; never silently. Several sources are read in turn and concatenated.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import UserError
-from pipeline.prompts import ANSWER_PREFIX, metamath_prompt
+from pipeline.prompts import ANSWER_PREFIX, metamath_train_prompt
 
 if TYPE_CHECKING:
     from pipeline.recipe import DataConfig
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer"), "alpaca": ("instruction", "output"),
-          "messages": ("messages", None)}
+FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer"), "math": ("problem", "solution"),
+          "alpaca": ("instruction", "output"), "messages": ("messages", None)}
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_EXAMPLES = 5  # malformed rows named in logs and stats
 _SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
@@ -84,9 +85,20 @@ def gsm8k_solution(answer: str) -> str:
     return f"{body}\n{ANSWER_PREFIX}{final}" if body else f"{ANSWER_PREFIX}{final}"
 
 
+def math_solution(solution: str) -> str:
+    """A MATH solution -> MetaMath style: the solution, then `The answer is: X` with X the last boxed answer (as
+    MetaMathQA's MATH_AnsAug rows end)."""
+    from eval.extract import last_boxed  # the eval's MATH gold extraction: one definition
+
+    answer = (last_boxed(solution) or "").strip()
+    if not answer:
+        raise ValueError("solution has no \\boxed{...} answer")
+    return f"{solution.strip()}\n{ANSWER_PREFIX}{answer}"
+
+
 def to_prompt_completion(query: str, response: str) -> dict:
-    # The prompt ends with "step by step." and the solution follows after one space, as the text reads at eval.
-    return {"prompt": metamath_prompt(query.strip()), "completion": " " + response.strip()}
+    # MetaMath's training text is exactly header.format(query) + response + EOS: no separator, nothing stripped.
+    return {"prompt": metamath_train_prompt(query), "completion": response}
 
 
 def alpaca_query(instruction: str, input_text) -> str:
@@ -135,10 +147,13 @@ def map_row(row, fmt: str, query_field: str, response_field: str) -> dict | list
             raise ValueError(f"field '{key}' is not text: {str(value)[:40]!r}")
         if not value.strip():
             raise ValueError(f"field '{key}' is empty")
-    response = row[response_field]
+    query, response = row[query_field], row[response_field]
     if fmt == "gsm8k":
-        response = gsm8k_solution(response)
-    query = alpaca_query(row[query_field], row.get("input")) if fmt == "alpaca" else row[query_field]
+        query, response = query.strip(), gsm8k_solution(response)
+    elif fmt == "math":
+        query, response = query.strip(), math_solution(response)
+    elif fmt == "alpaca":
+        query = alpaca_query(query, row.get("input"))
     return to_prompt_completion(query, response)
 
 
@@ -148,8 +163,9 @@ def detect_format(columns) -> str:
         if {f for f in fields if f} <= columns:
             return fmt
     raise UserError(f"cannot tell the data format from the fields {sorted(columns)}: MetaMathQA rows have "
-                    f"query/response, GSM8K rows question/answer, Alpaca rows instruction/output (+ input), chat rows "
-                    f"messages; set data.format and data.query_field/response_field")
+                    f"query/response, GSM8K rows question/answer, MATH rows problem/solution, Alpaca rows "
+                    f"instruction/output (+ input), chat rows messages; set data.format and "
+                    f"data.query_field/response_field")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,11 +214,31 @@ def _read_json(path: Path) -> list[tuple[str, object]]:
     return rows
 
 
-def load_rows(source: str, split: str, fmt: str = "auto", query_field: str | None = None,
+def load_rows(source: str | list[str], split: str, fmt: str = "auto", query_field: str | None = None,
               response_field: str | None = None):
-    """Read, slice and map one split -> (datasets.Dataset with prompt/completion, stats dict)."""
+    """Read, slice and map one split -> (datasets.Dataset with prompt/completion, stats dict). A list of sources is
+    read in turn (each with `split`; `auto` detects each one's format) and concatenated in that order."""
     from datasets import Dataset
 
+    if isinstance(source, str):
+        mapped, stats = _load_mapped(source, split, fmt, query_field, response_field)
+        return Dataset.from_list(mapped), stats
+    mapped, parts = [], []
+    for one in source:
+        rows, stats = _load_mapped(one, split, fmt, query_field, response_field)
+        mapped += rows
+        parts.append(stats)
+    if len({p["format"] == "messages" for p in parts}) > 1:
+        raise UserError(f"data.source {source}: chat files (format messages) cannot be mixed with prompt/response "
+                        "files in one run; convert them to one kind")
+    stats = {"source": [p["source"] for p in parts], "split": split, "format": [p["format"] for p in parts],
+             **{k: sum(p[k] for p in parts) for k in ("rows", "kept", "malformed")},
+             "malformed_examples": [e for p in parts for e in p["malformed_examples"]][:MAX_EXAMPLES],
+             "by_type": {k: v for p in parts for k, v in p["by_type"].items()}, "parts": parts}
+    return Dataset.from_list(mapped), stats
+
+
+def _load_mapped(source: str, split: str, fmt: str, query_field: str | None, response_field: str | None):
     rows, where = _read_rows(source, parse_split(split))
     if not rows:
         raise UserError(f"{where} split {split!r} has no rows")
@@ -227,7 +263,7 @@ def load_rows(source: str, split: str, fmt: str = "auto", query_field: str | Non
     if not mapped:
         raise UserError(f"{where} split {split!r}: all {len(rows)} rows are malformed, e.g. {malformed[0]}")
     logger.info("%s %s: %d rows (%s)", where, split, len(mapped), fmt)
-    return Dataset.from_list(mapped), stats
+    return mapped, stats
 
 
 def load_sft_dataset(data_cfg: DataConfig, seed: int):

@@ -95,20 +95,22 @@ class AdapterConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = _help("Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file.",
-                        default="meta-math/MetaMathQA")
+    source: str | list[str] = _help(
+        "Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file, or a list of them (read in "
+        "turn with the same split and concatenated; format auto detects each one's fields).",
+        default="meta-math/MetaMathQA")
     split: str = _help("Split with optional slice: train, train[:100000], train[10%:20%]. A local file has one "
                        "split, train.", default="train")
-    format: Literal["auto", "metamathqa", "gsm8k", "alpaca", "messages"] = _help(
-        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), alpaca "
-        "(instruction, optional input, output), messages (a list of role/content turns, trained with the model's "
-        "chat template, loss on the assistant turns; eval then uses the chat template too), or auto (detected from "
-        "the fields).", default="auto")
+    format: Literal["auto", "metamathqa", "gsm8k", "math", "alpaca", "messages"] = _help(
+        "Row schema: metamathqa (query, response), gsm8k (question, answer ending in '#### N'), math (problem, "
+        "solution with a final \\boxed{} answer), alpaca (instruction, optional input, output), messages (a list "
+        "of role/content turns, trained with the model's chat template, loss on the assistant turns; eval then "
+        "uses the chat template too), or auto (detected from the fields).", default="auto")
     query_field: str | None = _help("Column holding the question, if not the format's own (query / question / "
-                                    "instruction; for messages: the column holding the turns).",
+                                    "problem / instruction; for messages: the column holding the turns).",
                                     default=None)
     response_field: str | None = _help("Column holding the solution, if not the format's own (response / answer / "
-                                       "output); not used by messages.",
+                                       "solution / output); not used by messages.",
                                        default=None)
     max_length: int = _help("Max tokens per example (prompt + completion); longer ones are truncated.", default=512)
     eval_source: str | None = _help("Eval dataset (hub id or local file); null: data.source if eval_split is set.",
@@ -315,6 +317,12 @@ def _coerce(tp, value):
             return True, None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value)
+    if origin in (typing.Union, types.UnionType):  # X | Y: the first that fits
+        for arm in args:
+            ok, coerced = _coerce(arm, value)
+            if ok:
+                return True, coerced
+        return False, None
     if origin is list:
         ok = isinstance(value, list) and all(_coerce(args[0], v)[0] for v in value)
         return ok, value
@@ -482,7 +490,11 @@ def _check_local(c: _Checker, key: str, spec: str, what: str) -> str:
     return str(path)
 
 
-def _check_split(c: _Checker, key: str, split: str, source: str) -> None:
+def _check_split(c: _Checker, key: str, split: str, source: str | list[str]) -> None:
+    if isinstance(source, list):
+        for one in source:
+            _check_split(c, key, split, one)
+        return
     try:
         name = parse_split(split).name
     except ValueError as e:
@@ -552,14 +564,17 @@ def _check(r: Recipe, c: _Checker) -> None:
         a.lora_alpha = a.r
 
     # data
-    if d.source:
+    if isinstance(d.source, list) and d.source and all(d.source):
+        d.source = [_check_local(c, "data.source", one, "data file") for one in d.source]
+        _check_split(c, "data.split", d.split, d.source)
+    elif d.source and isinstance(d.source, str):
         d.source = _check_local(c, "data.source", d.source, "data file")
         _check_split(c, "data.split", d.split, d.source)
     else:
         c.err("data.source", "is empty; give a hub id or a local .jsonl/.json/.parquet file")
     if (d.query_field or d.response_field) and d.format == "auto":
         c.cross(("data.format", "data.query_field", "data.response_field"),
-                "set data.format (metamathqa, gsm8k, alpaca or messages) when renaming fields")
+                "set data.format (metamathqa, gsm8k, math, alpaca or messages) when renaming fields")
     if d.format == "messages" and d.response_field:
         c.cross(("data.response_field",), "messages rows keep the answer in the assistant turns; drop "
                                           "data.response_field (data.query_field names the turns column)")

@@ -101,7 +101,8 @@ def train(recipe, resume: bool = False):
                        quantization_config=quant, device_map=device_map)
 
     train_ds, eval_ds, stats = load_sft_dataset(recipe.data, recipe.seed)
-    prompt_format = "chat" if stats["train"]["format"] == "messages" else "metamath"
+    formats = stats["train"]["format"]  # one per source when data.source is a list
+    prompt_format = "chat" if "messages" in (formats if isinstance(formats, list) else [formats]) else "metamath"
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"data.format messages needs a chat template, and the tokenizer of {recipe.model.name_or_path} "
                         "has none; use a chat model, or data.format alpaca / metamathqa")
@@ -128,6 +129,8 @@ def train(recipe, resume: bool = False):
     log_trainable(trainer.model)
 
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if eval_ds is not None and trainer.state.global_step % sft_args.eval_steps:
+        trainer.evaluate()  # the held-out loss of the final adapter, not only of the last eval_steps multiple
 
     adapter_dir = run_dir / ADAPTER_DIR
     # PEFT records the model's directory; keep the recipe's exact base (a .gguf file, a pkg:// path) for the merge

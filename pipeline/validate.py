@@ -32,7 +32,7 @@ def main(args) -> int:
              f"effective batch: {t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} "
              f"accumulation x {recipe.launcher.num_processes} processes = {recipe.effective_batch_size}"]
     d = recipe.data
-    sources = [s for s in (d.source, d.eval_source) if s]
+    sources = [s for one in (d.source, d.eval_source) for s in (one if isinstance(one, list) else [one]) if s]
     if args.no_data:
         lines.append("data: not read (--no-data)")
     elif not all(Path(s).suffix in LOCAL_SUFFIXES for s in sources):

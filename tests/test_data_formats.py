@@ -18,6 +18,10 @@ def metamath_prompt(query: str) -> str:
     """The training prompt every non-chat format gets (whatever its text is, pipeline/prompts.py)."""
     return data.to_prompt_completion(query, "x")["prompt"]
 
+
+def completion(response: str) -> str:
+    return data.to_prompt_completion("q", response)["completion"]
+
 # a minimal chat template in the usual shape (role header, content, end of turn)
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -40,7 +44,7 @@ def chat_tokenizer(save_dir=None):
 def test_alpaca_rows_map_to_the_project_prompt():
     row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5\nThe answer is: 5"}
     assert map_row(row, "alpaca", "instruction", "output") == {
-        "prompt": metamath_prompt("Add the numbers.\n\n2 and 3"), "completion": " 2 + 3 = 5\nThe answer is: 5"}
+        "prompt": metamath_prompt("Add the numbers.\n\n2 and 3"), "completion": completion("2 + 3 = 5\nThe answer is: 5")}
     for no_input in ({}, {"input": ""}, {"input": "  "}, {"input": None}):
         row = {"instruction": "Add 2 and 3.", "output": "5", **no_input}
         assert map_row(row, "alpaca", "instruction", "output")["prompt"] == metamath_prompt("Add 2 and 3.")
@@ -57,7 +61,7 @@ def test_alpaca_file_with_renamed_fields(tmp_path):
     ds, stats = load_rows(str(path), "train", "alpaca", query_field="task", response_field="target")
     assert stats["format"] == "alpaca" and (stats["kept"], stats["malformed"]) == (2, 1)
     assert "line 3: field 'target' is missing" in stats["malformed_examples"][0]
-    assert ds[1]["prompt"] == metamath_prompt("Double it.\n\n5") and ds[1]["completion"] == " 10"
+    assert ds[1]["prompt"] == metamath_prompt("Double it.\n\n5") and ds[1]["completion"] == completion("10")
     assert detect_format({"instruction", "input", "output"}) == "alpaca"
     assert detect_format({"messages"}) == "messages"
 
