@@ -1,7 +1,7 @@
 """`python -m pipeline compare DIR [DIR ...]`: several models' eval results side by side.
 
 Each DIR is an eval dir (summary.json + samples.jsonl, as `pipeline eval` writes them) or a run dir holding one or
-more (`runs/<name>/eval`, `runs/<name>/eval_*`). Writes compare.md (one table: tasks x metrics x models, with counts;
+more (`runs/<name>/eval`, `eval_*`, `eval-*`; those of one evaluated model form one column). Writes compare.md (one table: tasks x metrics x models, with counts;
 then a paired note per pair of models on the problems both answered: the accuracy difference with a paired
 bootstrap 95% interval and the exact McNemar test), compare.png and compare.json.
 """
@@ -80,7 +80,7 @@ def paired(a_rows: dict[str, dict], b_rows: dict[str, dict], metric: str, seed: 
 # --- reading eval dirs ----------------------------------------------------------------------------------------------
 
 def find_eval_dirs(path: Path) -> list[Path]:
-    """An eval dir itself, or the eval dirs of a run dir (eval/, eval_*/)."""
+    """An eval dir itself, or the eval dirs of a run dir (eval/, eval_*/, eval-*/)."""
     if (path / "summary.json").is_file():
         return [path]
     found = sorted(p.parent for p in path.glob("eval*/summary.json"))
@@ -105,10 +105,39 @@ def load_eval(path: Path) -> dict:
     return {"path": str(path), "summary": summary, "rows": rows}
 
 
-def default_label(path: Path) -> str:
-    # runs/<name>/eval -> <name>; runs/<name>/eval_base -> <name>/eval_base; runs/eval/<model> -> <model>
-    return path.parent.name if path.name == "eval" else f"{path.parent.name}/{path.name}" \
-        if path.name.startswith("eval_") else path.name
+def combine(evals: list[dict]) -> dict:
+    """One model's evals kept in several dirs (one per task, as benchmarks/method_compare.py writes them) as one."""
+    if len(evals) == 1:
+        return evals[0]
+    tasks, rows, seen = {}, {}, {}
+    for e in evals:
+        for task, t in e["summary"]["tasks"].items():
+            if task in seen:
+                raise UserError(f"{seen[task]} and {e['path']} both hold {task} results of "
+                                f"{e['summary'].get('model')}; pass the eval dir you mean instead of the run dir")
+            seen[task], tasks[task] = e["path"], t
+            rows[task] = e["rows"].get(task, {})
+    first = evals[0]["summary"]
+    summary = {"model": first.get("model"), "tasks": tasks, "limit": first.get("limit"),
+               "backend": "+".join(sorted({str(e["summary"].get("backend")) for e in evals}))}
+    return {"path": ", ".join(e["path"] for e in evals), "summary": summary, "rows": rows}
+
+
+def models_in(path: Path) -> list[tuple[str, dict]]:
+    """(label, eval) per model a dir holds: an eval dir is one; a run dir's eval dirs of the same evaluated model are
+    one (labelled with the run's name), of different models (e.g. the base model beside the fine-tuned one) several
+    (labelled run/dir)."""
+    dirs = find_eval_dirs(path)
+    if dirs == [path]:
+        return [(path.name if path.name not in ("eval", "") else path.resolve().parent.name, load_eval(path))]
+    groups: dict[str, list[dict]] = {}
+    for d in dirs:
+        e = load_eval(d)
+        groups.setdefault(str(e["summary"].get("model")), []).append(e)
+    name = path.resolve().name
+    if len(groups) == 1:
+        return [(name, combine(next(iter(groups.values()))))]
+    return [(f"{name}/{Path(g[0]['path']).name}", combine(g)) for g in groups.values()]
 
 
 # --- the comparison -------------------------------------------------------------------------------------------------
@@ -220,20 +249,19 @@ def write_plot(out: Path, result: dict) -> Path:
 def main(args) -> int:
     if getattr(args, "overrides", None):
         raise UserError(f"unknown arguments {' '.join(args.overrides)}; see `python -m pipeline compare --help`")
-    eval_dirs: list[Path] = []
+    models: list[tuple[str, dict]] = []
     for d in args.dirs:
         path = Path(d)
         if not path.is_dir():
             raise UserError(f"{path} is not a directory; pass eval dirs or run dirs")
-        eval_dirs += [p for p in find_eval_dirs(path) if p not in eval_dirs]
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [default_label(p) for p in eval_dirs]
-    if len(labels) != len(eval_dirs):
-        raise UserError(f"--labels names {len(labels)} models but the dirs hold {len(eval_dirs)} evals: "
-                        + ", ".join(map(str, eval_dirs)))
+        models += models_in(path)
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [label for label, _ in models]
+    if len(labels) != len(models):
+        raise UserError(f"--labels names {len(labels)} models but the dirs hold {len(models)}: "
+                        + "; ".join(e["path"] for _, e in models))
     if len(set(labels)) != len(labels):
         raise UserError(f"model labels repeat ({', '.join(labels)}); name them with --labels a,b,...")
-    evals = [load_eval(p) for p in eval_dirs]
-    result = compare(evals, labels)
+    result = compare([e for _, e in models], labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -94,3 +94,37 @@ def test_compare_errors_name_the_fix(tmp_path, capsys):
     assert "no summary.json there" in capsys.readouterr().err
     assert cli_main(["compare", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_run_dirs_group_evals_by_model(tmp_path, capsys):
+    """benchmarks/method_compare.py keeps one eval dir per set (eval-gsm8k, eval-math500) for one model: one column.
+    A run dir holding the base model's eval beside the fine-tuned one's: two columns."""
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    math_data = tmp_path / "math.jsonl"
+    math_data.write_text("".join(json.dumps({"problem": f"{i}/1?", "answer": str(i)}) + "\n" for i in range(4)))
+    run = tmp_path / "runs" / "edora"
+    _eval_dir(tmp_path, data, run / "eval-gsm8k", set(range(12)))
+    preds = tmp_path / "m.jsonl"
+    preds.write_text("".join(json.dumps({"id": str(i), "completion": f"The answer is: {i if i < 3 else 9}"}) + "\n"
+                             for i in range(4)))
+    assert cli_main(["eval", "--tasks", "math", "--predictions", str(preds), "--data-file", f"math={math_data}",
+                     "--out", str(run / "eval-math500")]) == 0
+    # the eval dirs record the graded file as their model; make them one model, as method_compare's are
+    for d in ("eval-gsm8k", "eval-math500"):
+        summary = json.loads((run / d / "summary.json").read_text())
+        (run / d / "summary.json").write_text(json.dumps({**summary, "model": "runs/edora/merged"}))
+    demo = tmp_path / "runs" / "demo"
+    _eval_dir(tmp_path, data, demo / "eval", set(range(8)))
+    _eval_dir(tmp_path, data, demo / "eval_base", set(range(2)))
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", str(run), str(demo), "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [m["label"] for m in result["models"]] == ["edora", "demo/eval", "demo/eval_base"]
+    cells = {(r["task"], r["metric"]): {k: v["correct"] for k, v in r["models"].items()} for r in result["table"]}
+    assert cells[("gsm8k", "strict")] == {"edora": 12, "demo/eval": 8, "demo/eval_base": 2}
+    assert cells[("math", "math_verify")] == {"edora": 3}
+    base_vs_ft = next(p for p in result["pairs"] if (p["a"], p["b"], p["metric"]) == ("demo/eval", "demo/eval_base",
+                                                                                         "strict"))
+    assert (base_vs_ft["only_a"], base_vs_ft["only_b"], base_vs_ft["mcnemar_p"]) == (6, 0, 2 / 64)
+    capsys.readouterr()
