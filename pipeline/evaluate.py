@@ -338,4 +338,8 @@ def main(args) -> int:
         accs = ", ".join(f"{m} {100 * a:.2f}%" for m, a in t["accuracy"].items())
         logger.info("%s (n=%d): %s; no answer: %d", name, t["n"], accs, t["invalid"])
     logger.info("wrote %s (summary.json, report.md, samples.jsonl)", out_dir)
+    if not args.predictions and Path(args.model).name == "merged":  # runs/<name>/merged: the training's trackers
+        from pipeline import trackers
+
+        trackers.log_eval(Path(args.model).parent, summary)
     return 0

@@ -64,9 +64,6 @@ def main(args) -> int:
         code = cli_main(cmd)
         if code != 0:
             raise UserError(f"eval failed (exit {code}); adapter and merged checkpoint are kept in {run_dir}")
-        from pipeline import trackers
-
-        trackers.log_eval(run_dir, json.loads((eval_dir / "summary.json").read_text()))
     report = write_report(run_dir, recipe.name)
     print(report)
     return 0

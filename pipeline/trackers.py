@@ -1,5 +1,5 @@
-"""Experiment trackers: `training.report_to` names what transformers' Trainer reports to; after `pipeline run`
-evaluates, the eval accuracies go to the same tracker run (W&B and TensorBoard).
+"""Experiment trackers: `training.report_to` names what transformers' Trainer reports to; when `pipeline eval` (or
+`run`) evaluates runs/<name>/merged, the eval accuracies go to the same tracker run (W&B and TensorBoard).
 
 Training metrics reach every tracker through transformers' own callbacks. This module only (1) checks the names and
 that their packages are installed, (2) keeps the trackers' files inside the run dir (W&B under runs/<name>/wandb,
