@@ -215,3 +215,5 @@ TASKS = {
 # `--tasks suite`: every distinct shipped test set (gsm8k and math are tasks.py's; math = MATH-500).
 SUITE = ["gsm8k", "math", "math_full", "gsm_hard", "svamp", "asdiv", "mawps", "tabmwp", "mathqa", "mmlu_stem",
          "sat_math", "ocw"]
+# The package's copies of the two hub-default tasks' sets (same problems; MATH-500's file is byte-identical).
+PACKAGE_COPIES = {"gsm8k": "gsm8k/test.jsonl", "math": "math_oai/test.jsonl"}

