@@ -1,9 +1,10 @@
 """`python -m pipeline compare DIR [DIR ...]`: several models' eval results side by side.
 
 Each DIR is an eval dir (summary.json + samples.jsonl, as `pipeline eval` writes them) or a run dir holding one or
-more (`runs/<name>/eval`, `eval_*`, `eval-*`; those of one evaluated model form one column). Writes compare.md (one table: tasks x metrics x models, with counts;
-then a paired note per pair of models on the problems both answered: the accuracy difference with a paired
-bootstrap 95% interval and the exact McNemar test), compare.png and compare.json.
+more (`runs/<name>/eval`, `eval_*`, `eval-*`; those of one evaluated model form one column). Writes compare.md (one
+table: tasks x metrics x models, with counts; then a paired note per pair of models on the problems both answered:
+the accuracy difference with a paired bootstrap 95% interval and the exact McNemar test), compare.png and
+compare.json.
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ def paired_bootstrap(a: list[int], b: list[int], samples: int = BOOTSTRAP_SAMPLE
 def paired(a_rows: dict[str, dict], b_rows: dict[str, dict], metric: str, seed: int = SEED) -> dict:
     """Accuracy difference B - A on the problems both graded (same id, question and gold), with its interval and
     McNemar's test."""
-    common = [i for i in sorted(set(a_rows) & set(b_rows))
-              if (a_rows[i].get("question"), a_rows[i].get("gold")) == (b_rows[i].get("question"), b_rows[i].get("gold"))]
+    def problem(row: dict) -> tuple:
+        return row.get("question"), row.get("gold")
+
+    common = [i for i in sorted(set(a_rows) & set(b_rows)) if problem(a_rows[i]) == problem(b_rows[i])]
     a = [int(a_rows[i]["scores"][metric]) for i in common]
     b = [int(b_rows[i]["scores"][metric]) for i in common]
     only_a = sum(x and not y for x, y in zip(a, b))

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="recipe YAML")
     parser.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
-    parser.add_argument("--tasks", default="gsm8k,math", help="eval tasks (default: gsm8k,math; suite = every shipped math set)")
+    parser.add_argument("--tasks", default="gsm8k,math",
+                        help="eval tasks (default: gsm8k,math; suite = every shipped math set)")
     parser.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="eval backend (default: vllm)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
     parser.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",

@@ -44,7 +44,8 @@ def chat_tokenizer(save_dir=None):
 def test_alpaca_rows_map_to_the_project_prompt():
     row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5\nThe answer is: 5"}
     assert map_row(row, "alpaca", "instruction", "output") == {
-        "prompt": metamath_prompt("Add the numbers.\n\n2 and 3"), "completion": completion("2 + 3 = 5\nThe answer is: 5")}
+        "prompt": metamath_prompt("Add the numbers.\n\n2 and 3"),
+        "completion": completion("2 + 3 = 5\nThe answer is: 5")}
     for no_input in ({}, {"input": ""}, {"input": "  "}, {"input": None}):
         row = {"instruction": "Add 2 and 3.", "output": "5", **no_input}
         assert map_row(row, "alpaca", "instruction", "output")["prompt"] == metamath_prompt("Add 2 and 3.")
