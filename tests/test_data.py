@@ -110,7 +110,7 @@ def test_field_overrides_and_unknown_format(tmp_path):
     with pytest.raises(UserError, match="cannot tell the data format"):
         load_rows(str(path), "train")
     ds, _ = load_rows(str(path), "train", "metamathqa", "task", "target")
-    assert ds[0]["completion"] == " a\nThe answer is: 1"
+    assert ds[0]["completion"] == "a\nThe answer is: 1"
 
 
 def test_split_slicing_and_eval(tmp_path):
