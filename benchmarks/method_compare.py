@@ -72,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-tokens", type=int, default=None, help="cap new tokens (default: the tasks' own)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--merge-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (kept in the JSON)")
     return p.parse_args(argv)
 
 
@@ -337,6 +338,10 @@ def write_report(res: dict, stem: Path) -> None:
              f"Command: `{meta.get('command', '')}`  ", f"Commit {meta.get('commit', '?')}, {meta.get('machine', '?')}, "
              f"model sha256 {meta.get('model_sha256', '?')[:16]}", "",
              "Setup: " + ", ".join(f"{k} {v}" for k, v in res["setup"].items()), "",
+             f"Status: {sum(e.get('status') == 'ok' for e in res['train'].values())} of "
+             f"{meta.get('train_jobs', '?')} training runs finished, {len(sel)} methods chosen, "
+             f"{sum(e.get('status') == 'ok' for e in res['eval'].values())} evaluations finished.", "",
+             *[f"- {note}" for note in meta.get("notes", [])], "",
              "Learning rates are chosen per method by the lowest held-out loss on training rows held out of the "
              "training data (never on a test set); only the chosen run is evaluated.", "",
              "## Sweep (held-out loss, lower is better; * = chosen)", "",
@@ -389,7 +394,8 @@ def write_report(res: dict, stem: Path) -> None:
         if e["heldout_curve"]:
             axes[1].plot(*zip(*e["heldout_curve"]), style + "o", color=c, ms=3)
     axes[0].set(title="training loss (solid: chosen lr; dotted: others)", xlabel="step", ylabel="loss")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     axes[1].set(title="held-out loss (training rows held out)", xlabel="step", ylabel="loss")
     gsm = [(row, res["eval"].get(f"{row}/gsm8k")) for row in rows]
     for row, e in gsm:
@@ -433,6 +439,8 @@ def main(argv=None) -> int:
     save = lambda: save_results(path, res)  # noqa: E731
     if args.phase != "report" and not res["meta"].get("model_sha256") and not args.model.startswith("pkg://"):
         res["meta"]["model_sha256"] = file_sha256(args.model)
+    res["meta"]["train_jobs"] = sum(len(lrs) for _, lrs, _ in grids(args).values())
+    res["meta"]["notes"] = res["meta"].get("notes", []) + [n for n in args.note if n not in res["meta"].get("notes", [])]
     if args.phase in ("train", "all"):
         run_jobs(train_jobs(args, res, work, save), args.parallel, deadline)
     res["selected"] = selected(res, args)
