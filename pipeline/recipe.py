@@ -91,6 +91,9 @@ class AdapterConfig:
         "null means weight.", default=None)
     seed: int | None = _help("edora/loraxs: seed of R's initialisation; null uses torch's RNG (seeded by `seed`).",
                              default=None)
+    magnitude_lr_ratio: float | None = _help(
+        "edora: learning rate of the magnitude m as a multiple of training.learning_rate (its own optimizer "
+        "group, same schedule); null means 1.", default=None)
 
 
 @dataclass(kw_only=True)
@@ -548,6 +551,12 @@ def _check(r: Recipe, c: _Checker) -> None:
             c.err("adapter.init_sigma", f"{a.init_sigma} must be > 0 (the authors used 1e-5)")
         if a.svd_niter < 0:
             c.err("adapter.svd_niter", f"{a.svd_niter} must be >= 0")
+    if a.magnitude_lr_ratio is not None:
+        if a.method != "edora":
+            c.cross(("adapter.magnitude_lr_ratio", "adapter.method"),
+                    f"only applies to method edora (the one with a trained magnitude), not {a.method}; remove it")
+        elif not 0 < a.magnitude_lr_ratio < float("inf"):
+            c.err("adapter.magnitude_lr_ratio", f"{a.magnitude_lr_ratio} must be a finite number > 0 (or null)")
     if a.lora_alpha is None and "adapter.r" not in c.bad:
         a.lora_alpha = a.r
 

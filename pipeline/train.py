@@ -112,7 +112,8 @@ def train(recipe, resume: bool = False):
         # norms fail there (DeepSpeed #8072). DeepSpeed keeps fp32 master copies, so bf16 R and m lose nothing.
         peft_config.adapter_dtype = recipe.model.dtype
 
-    trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir)
+    trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir,
+                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio)
     if is_edora and quant is not None and not deepspeed:
         # TRL casts a quantized model's trainable parameters to bf16; without DeepSpeed's fp32 master weights,
         # bf16 m (values ~1, updates ~1e-3) would stop moving. R and m are tiny: keep them fp32.
@@ -135,12 +136,20 @@ def train(recipe, resume: bool = False):
     return trainer
 
 
-def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path):
+def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
+                 magnitude_lr_ratio: float | None = None):
     import torch
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
-        """SFTTrainer whose log lines carry tokens/s and an ETA, and land in metrics.jsonl."""
+        """SFTTrainer whose log lines carry tokens/s and an ETA, and land in metrics.jsonl; EDoRA's magnitude can
+        have its own learning rate."""
+
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if magnitude_lr_ratio is not None and magnitude_lr_ratio != 1:
+                split_magnitude_group(opt, self.model, magnitude_lr_ratio)
+            return opt
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             now = time.time()
@@ -168,6 +177,21 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
 
     return Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                    processing_class=tokenizer, peft_config=peft_config)
+
+
+def split_magnitude_group(optimizer, model, ratio: float) -> None:
+    """Move EDoRA's magnitudes into param groups of their own at `ratio` x the group's learning rate (the scheduler,
+    built afterwards, scales every group's own initial lr)."""
+    mags = {id(p) for n, p in model.named_parameters() if p.requires_grad and "edora_magnitude" in n}
+    if not mags:
+        raise UserError("adapter.magnitude_lr_ratio is set but the model has no trainable EDoRA magnitude")
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in mags]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in mags]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                       "lr": group["lr"] * ratio})
+    logger.info("magnitude learning rate: %g x training.learning_rate", ratio)
 
 
 def log_trainable(model) -> None:

@@ -11,9 +11,9 @@ from pipeline.cli import UserError
 from pipeline.data import (
     gsm8k_solution,
     load_rows,
-    math_solution,
     load_sft_dataset,
     map_row,
+    math_solution,
     parse_split,
     truncation_report,
 )
