@@ -1,4 +1,5 @@
-"""Accuracy of fine-tuning methods on one real model, through the real CLI: base, EDoRA, LoRA-XS, PEFT LoRA, PEFT DoRA.
+"""Accuracy of fine-tuning methods on one real model, through the real CLI: base, EDoRA, LoRA-XS, PEFT LoRA, PEFT DoRA
+and a full fine-tune (the upper reference).
 
 Every method gets the same data, steps, batch, seed and rank, and the same learning-rate sweep size (3 values each by
 default). The learning rate of each method is chosen by the lowest held-out loss on rows held out of the TRAINING
@@ -31,11 +32,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("edora", "loraxs", "lora", "dora")
+METHODS = ("edora", "loraxs", "lora", "dora", "full")
 # 4x-spaced grids around each method's published learning rate (EDoRA/LoRA-XS 4e-3, LoRA/DoRA 2e-4 at 7B; small
 # models usually want more): the same size for every method.
 DEFAULT_LRS = {"edora": [1e-3, 4e-3, 1.6e-2], "loraxs": [1e-3, 4e-3, 1.6e-2], "lora": [2.5e-4, 1e-3, 4e-3],
-               "dora": [2.5e-4, 1e-3, 4e-3]}
+               "dora": [2.5e-4, 1e-3, 4e-3], "full": [1e-5, 4e-5, 1.6e-4]}
 # eval set name -> the pipeline's task that grades it
 EVAL_TASK = {"gsm8k": "gsm8k", "math500": "math", "math": "math"}
 
@@ -250,9 +251,10 @@ def train_jobs(args, res, work: Path, save) -> list[Job]:
                 continue
             run = work / name
             recipe = recipe_for(args, name, method, lr, extra, work)
-            resume = (run / "adapter" / "adapter_config.json").exists() is False and any(run.glob("checkpoint-*"))
+            trained = run / ("merged/config.json" if method == "full" else "adapter/adapter_config.json")
+            resume = not trained.exists() and any(run.glob("checkpoint-*"))
             cmd = [sys.executable, "-m", "pipeline", "train", str(recipe)] + (["--resume"] if resume else [])
-            if (run / "adapter" / "adapter_config.json").exists():
+            if trained.exists():
                 cmd = [sys.executable, "-c", "pass"]  # trained in an earlier call: only read its records
 
             def done(code, elapsed, text, name=name, row=row, method=method, lr=lr, run=run, extra=extra):
@@ -287,7 +289,8 @@ def eval_jobs(args, res, work: Path, save) -> list[Job]:
     for row, model in models.items():
         cmds, todo = [], []
         run = work / ("base" if row == "base" else selected(res, args)[row])
-        if row != "base" and not (Path(model) / "merge_report.json").exists():
+        full = row != "base" and grids(args)[row][0] == "full"  # trained straight into merged/
+        if row != "base" and not full and not (Path(model) / "merge_report.json").exists():
             cmds.append([sys.executable, "-m", "pipeline", "merge", "--adapter", str(run / "adapter"), "--out", model,
                          "--dtype", args.merge_dtype, "--overwrite"])
         for set_name, path in sets.items():

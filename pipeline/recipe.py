@@ -74,9 +74,10 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class AdapterConfig:
-    method: Literal["edora", "loraxs", "lora", "dora"] = _help(
+    method: Literal["edora", "loraxs", "lora", "dora", "full"] = _help(
         "edora (magnitude + frozen SVD factors + trainable r x r R), loraxs (the same without magnitude), "
-        "lora or dora (PEFT's).", default="edora")
+        "lora or dora (PEFT's), or full (every weight trained, no adapter: the upper reference; the model is "
+        "written to runs/<name>/merged, nothing to merge).", default="edora")
     r: int = _help("Rank.", default=64)
     lora_alpha: float | None = _help("Scale numerator, s = lora_alpha / r; null means r (s = 1).", default=None)
     dropout: float = _help("Dropout on the adapter path's input.", default=0.0)
@@ -227,7 +228,9 @@ class Recipe:
 
 
 def build_peft_config(adapter: AdapterConfig):
-    """The PEFT config for an adapter section (a resolved one: defaults filled by load_recipe)."""
+    """The PEFT config for an adapter section (a resolved one: defaults filled by load_recipe); None for full."""
+    if adapter.method == "full":
+        return None
     alpha = adapter.lora_alpha if adapter.lora_alpha is not None else adapter.r
     if adapter.method in ("edora", "loraxs"):
         from pipeline.edora import EdoraConfig
@@ -537,7 +540,15 @@ def _check(r: Recipe, c: _Checker) -> None:
         c.err("adapter.dropout", f"{a.dropout} must be in [0, 1)")
     if not a.target_modules:
         c.err("adapter.target_modules", "is empty; list module names such as q_proj, v_proj")
-    if a.method in ("lora", "dora"):
+    if a.method == "full":
+        if m.load_in_4bit:
+            c.cross(("adapter.method", "model.load_in_4bit"), "a full fine-tune cannot train 4-bit weights; set "
+                    "model.load_in_4bit: false or use an adapter method")
+        elif m.dtype != "float32":
+            c.cross(("adapter.method", "model.dtype"), f"a full fine-tune keeps no fp32 master weights of a "
+                    f"{m.dtype} model (updates below its precision are lost); set model.dtype: float32 (training.bf16 "
+                    "still runs the matmuls in bf16)")
+    if a.method in ("lora", "dora", "full"):
         for opt in EDORA_ONLY:
             if getattr(a, opt) is not None:
                 c.cross(("adapter." + opt, "adapter.method"),

@@ -19,6 +19,7 @@ from pipeline.cli import UserError
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+FULL_DIR = "merged"  # where a full fine-tune (adapter.method: full) writes its model
 META_FILE = "edora_meta.json"
 
 
@@ -50,8 +51,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     ckpt = last_checkpoint(run_dir) if run_dir.exists() else None
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint-* folder in {run_dir}; run without --resume to start training")
-    if not resume and (ckpt is not None or (run_dir / ADAPTER_DIR).exists()):
-        raise UserError(f"{run_dir} already holds a run ({ckpt.name if ckpt else ADAPTER_DIR}). Pass --resume to "
+    held = next((d for d in (ADAPTER_DIR, FULL_DIR) if (run_dir / d).exists()), None)
+    if not resume and (ckpt is not None or held):
+        raise UserError(f"{run_dir} already holds a run ({ckpt.name if ckpt else held}). Pass --resume to "
                         "continue it, or set another --name / --output_dir; nothing was overwritten")
     return ckpt
 
@@ -126,6 +128,8 @@ def train(recipe, resume: bool = False):
     if eval_ds is not None and trainer.state.global_step % sft_args.eval_steps:
         trainer.evaluate()  # the held-out loss of the final adapter, not only of the last eval_steps multiple
 
+    if recipe.adapter.method == "full":
+        return finish_full(recipe, trainer, tokenizer, run_dir)
     adapter_dir = run_dir / ADAPTER_DIR
     # PEFT records the model's directory; keep the recipe's exact base (a .gguf file, a pkg:// path) for the merge
     for cfg in getattr(trainer.model, "peft_config", {}).values():
@@ -226,6 +230,18 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
     logger.info("adapter saved to %s; merge it with: python -m pipeline merge --adapter %s", adapter_dir, adapter_dir)
+
+
+def finish_full(recipe, trainer, tokenizer, run_dir: Path):
+    """A full fine-tune has no adapter: the trained model is the merged checkpoint (runs/<name>/merged)."""
+    out = run_dir / FULL_DIR
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
+        logger.info("full fine-tune saved to %s (a plain checkpoint: nothing to merge)", out)
+    return trainer
 
 
 def read_metrics(path: Path) -> list[dict]:

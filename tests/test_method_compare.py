@@ -70,7 +70,7 @@ def test_sweep_runs_through_the_cli_then_resumes_without_redoing_rows(tmp_path):
     results = tmp_path / "res.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "method_compare.py"), "--model", str(tmp_path / "model"),
            "--label", "t", "--train-data", f"{tmp_path / 'g.jsonl'},{tmp_path / 'm.jsonl'}",
-           "--eval-data", f"gsm8k={tmp_path / 't.jsonl'}", "--methods", "base,edora", "--lrs", "edora=1e-3:2e-2",
+           "--eval-data", f"gsm8k={tmp_path / 't.jsonl'}", "--methods", "base,edora,full", "--lrs", "edora=1e-3:2e-2;full=1e-4",
            "--heldout", "8", "--batch", "8", "--max-steps", "3", "--max-length", "96", "--parallel", "2",
            "--work", str(tmp_path / "runs"), "--results", str(results), "--eval-max-tokens", "4",
            "--eval-batch-size", "4"]
@@ -78,14 +78,18 @@ def test_sweep_runs_through_the_cli_then_resumes_without_redoing_rows(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     res = json.loads(results.read_text())
     rows = res["train"]
-    assert set(rows) == {"edora-lr0.001", "edora-lr0.02"} and all(r["status"] == "ok" for r in rows.values())
+    assert set(rows) == {"edora-lr0.001", "edora-lr0.02", "full-lr0.0001"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    total = sum(p.numel() for p in tiny_llama(seed=0, vocab=300).parameters())
+    assert rows["full-lr0.0001"]["trainable"] == total > rows["edora-lr0.001"]["trainable"]
     losses = {}
     for name in rows:  # the chosen lr is the one whose final held-out loss (from the run's own records) is lowest
         records = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
         assert rows[name]["heldout_loss"] == losses[name] and rows[name]["steps"] == 3
-    assert res["selected"] == {"edora": min(losses, key=losses.get)}
-    assert set(res["eval"]) == {"base/gsm8k", "edora/gsm8k"}
+    edora = {k: v for k, v in losses.items() if k.startswith("edora")}
+    assert res["selected"] == {"edora": min(edora, key=edora.get), "full": "full-lr0.0001"}
+    assert set(res["eval"]) == {"base/gsm8k", "edora/gsm8k", "full/gsm8k"}
     assert all(e["status"] == "ok" and e["n"] == 3 for e in res["eval"].values())
     assert (tmp_path / "runs" / res["selected"]["edora"] / "merged" / "merge_report.json").exists()
     assert results.with_suffix(".md").exists() and results.with_suffix(".png").exists()

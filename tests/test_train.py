@@ -290,3 +290,29 @@ def test_magnitude_lr_ratio_is_checked(tiny_setup, tmp_path):
         recipe = write_recipe(tiny_setup, "bad", tmp_path, adapter=adapter)
         with pytest.raises(RecipeError, match=msg):
             load_recipe(recipe)
+
+
+FULL = {"method": "full", "init_sigma": None, "svd_method": None, "svd_niter": None, "svd_target": None}
+
+
+def test_full_finetune_trains_every_weight_into_a_plain_checkpoint(tiny_setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tiny_setup, "full", tmp_path, model={"dtype": "float32"}, adapter=FULL,
+                          training={"max_steps": 2, "learning_rate": 1e-3, "bf16": False})
+    assert cli_main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "full"
+    assert not (run / "adapter").exists() and (run / "merged" / "tokenizer_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    tuned = AutoModelForCausalLM.from_pretrained(run / "merged")
+    moved = {n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not torch.equal(a, b)}
+    assert "model.embed_tokens.weight" in moved and "lm_head.weight" in moved
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved
+    assert cli_main(["train", str(recipe)]) == 2  # a second train into the same run is refused
+
+
+def test_full_finetune_needs_fp32_weights(tiny_setup, tmp_path):
+    from pipeline.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="full fine-tune keeps no fp32 master weights"):
+        load_recipe(write_recipe(tiny_setup, "bad", tmp_path, model={"dtype": "bfloat16"}, adapter=FULL))
