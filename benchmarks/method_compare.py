@@ -1,4 +1,5 @@
-"""Accuracy of fine-tuning methods on one real model, through the real CLI: base, EDoRA, LoRA-XS, PEFT LoRA, PEFT DoRA.
+"""Accuracy of fine-tuning methods on one real model, through the real CLI: base, EDoRA, LoRA-XS, PEFT LoRA, PEFT DoRA
+and a full fine-tune (the upper reference).
 
 Every method gets the same data, steps, batch, seed and rank, and the same learning-rate sweep size (3 values each by
 default). The learning rate of each method is chosen by the lowest held-out loss on rows held out of the TRAINING
@@ -31,11 +32,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("edora", "loraxs", "lora", "dora")
+METHODS = ("edora", "loraxs", "lora", "dora", "full")
 # 4x-spaced grids around each method's published learning rate (EDoRA/LoRA-XS 4e-3, LoRA/DoRA 2e-4 at 7B; small
 # models usually want more): the same size for every method.
 DEFAULT_LRS = {"edora": [1e-3, 4e-3, 1.6e-2], "loraxs": [1e-3, 4e-3, 1.6e-2], "lora": [2.5e-4, 1e-3, 4e-3],
-               "dora": [2.5e-4, 1e-3, 4e-3]}
+               "dora": [2.5e-4, 1e-3, 4e-3], "full": [1e-5, 4e-5, 1.6e-4]}
 # eval set name -> the pipeline's task that grades it
 EVAL_TASK = {"gsm8k": "gsm8k", "math500": "math", "math": "math"}
 
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-tokens", type=int, default=None, help="cap new tokens (default: the tasks' own)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--merge-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (kept in the JSON)")
     return p.parse_args(argv)
 
 
@@ -249,9 +251,10 @@ def train_jobs(args, res, work: Path, save) -> list[Job]:
                 continue
             run = work / name
             recipe = recipe_for(args, name, method, lr, extra, work)
-            resume = (run / "adapter" / "adapter_config.json").exists() is False and any(run.glob("checkpoint-*"))
+            trained = run / ("merged/config.json" if method == "full" else "adapter/adapter_config.json")
+            resume = not trained.exists() and any(run.glob("checkpoint-*"))
             cmd = [sys.executable, "-m", "pipeline", "train", str(recipe)] + (["--resume"] if resume else [])
-            if (run / "adapter" / "adapter_config.json").exists():
+            if trained.exists():
                 cmd = [sys.executable, "-c", "pass"]  # trained in an earlier call: only read its records
 
             def done(code, elapsed, text, name=name, row=row, method=method, lr=lr, run=run, extra=extra):
@@ -286,7 +289,8 @@ def eval_jobs(args, res, work: Path, save) -> list[Job]:
     for row, model in models.items():
         cmds, todo = [], []
         run = work / ("base" if row == "base" else selected(res, args)[row])
-        if row != "base" and not (Path(model) / "merge_report.json").exists():
+        full = row != "base" and grids(args)[row][0] == "full"  # trained straight into merged/
+        if row != "base" and not full and not (Path(model) / "merge_report.json").exists():
             cmds.append([sys.executable, "-m", "pipeline", "merge", "--adapter", str(run / "adapter"), "--out", model,
                          "--dtype", args.merge_dtype, "--overwrite"])
         for set_name, path in sets.items():
@@ -337,6 +341,10 @@ def write_report(res: dict, stem: Path) -> None:
              f"Command: `{meta.get('command', '')}`  ", f"Commit {meta.get('commit', '?')}, {meta.get('machine', '?')}, "
              f"model sha256 {meta.get('model_sha256', '?')[:16]}", "",
              "Setup: " + ", ".join(f"{k} {v}" for k, v in res["setup"].items()), "",
+             f"Status: {sum(e.get('status') == 'ok' for e in res['train'].values())} of "
+             f"{meta.get('train_jobs', '?')} training runs finished, {len(sel)} methods chosen, "
+             f"{sum(e.get('status') == 'ok' for e in res['eval'].values())} evaluations finished.", "",
+             *[f"- {note}" for note in meta.get("notes", [])], "",
              "Learning rates are chosen per method by the lowest held-out loss on training rows held out of the "
              "training data (never on a test set); only the chosen run is evaluated.", "",
              "## Sweep (held-out loss, lower is better; * = chosen)", "",
@@ -389,7 +397,8 @@ def write_report(res: dict, stem: Path) -> None:
         if e["heldout_curve"]:
             axes[1].plot(*zip(*e["heldout_curve"]), style + "o", color=c, ms=3)
     axes[0].set(title="training loss (solid: chosen lr; dotted: others)", xlabel="step", ylabel="loss")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     axes[1].set(title="held-out loss (training rows held out)", xlabel="step", ylabel="loss")
     gsm = [(row, res["eval"].get(f"{row}/gsm8k")) for row in rows]
     for row, e in gsm:
@@ -433,6 +442,8 @@ def main(argv=None) -> int:
     save = lambda: save_results(path, res)  # noqa: E731
     if args.phase != "report" and not res["meta"].get("model_sha256") and not args.model.startswith("pkg://"):
         res["meta"]["model_sha256"] = file_sha256(args.model)
+    res["meta"]["train_jobs"] = sum(len(lrs) for _, lrs, _ in grids(args).values())
+    res["meta"]["notes"] = res["meta"].get("notes", []) + [n for n in args.note if n not in res["meta"].get("notes", [])]
     if args.phase in ("train", "all"):
         run_jobs(train_jobs(args, res, work, save), args.parallel, deadline)
     res["selected"] = selected(res, args)

@@ -145,6 +145,10 @@ def trained_prompt_format(model: str | None) -> str | None:
     for meta in (Path(model) / "edora_meta.json", Path(model).parent / "adapter" / "edora_meta.json"):
         if meta.is_file():
             return json.loads(meta.read_text()).get("prompt_format")
+    stats = Path(model).parent / "data_stats.json"  # a full fine-tune (runs/<name>/merged) has no adapter meta
+    if Path(model).name == "merged" and stats.is_file():
+        formats = json.loads(stats.read_text())["train"]["format"]
+        return "chat" if "messages" in (formats if isinstance(formats, list) else [formats]) else "metamath"
     return None
 
 

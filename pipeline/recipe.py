@@ -74,9 +74,10 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class AdapterConfig:
-    method: Literal["edora", "loraxs", "lora", "dora"] = _help(
+    method: Literal["edora", "loraxs", "lora", "dora", "full"] = _help(
         "edora (magnitude + frozen SVD factors + trainable r x r R), loraxs (the same without magnitude), "
-        "lora or dora (PEFT's).", default="edora")
+        "lora or dora (PEFT's), or full (every weight trained, no adapter: the upper reference; the model is "
+        "written to runs/<name>/merged, nothing to merge).", default="edora")
     r: int = _help("Rank.", default=64)
     lora_alpha: float | None = _help("Scale numerator, s = lora_alpha / r; null means r (s = 1).", default=None)
     dropout: float = _help("Dropout on the adapter path's input.", default=0.0)
@@ -91,6 +92,9 @@ class AdapterConfig:
         "null means weight.", default=None)
     seed: int | None = _help("edora/loraxs: seed of R's initialisation; null uses torch's RNG (seeded by `seed`).",
                              default=None)
+    magnitude_lr_ratio: float | None = _help(
+        "edora: learning rate of the magnitude m as a multiple of training.learning_rate (its own optimizer "
+        "group, same schedule); null means 1.", default=None)
 
 
 @dataclass(kw_only=True)
@@ -230,7 +234,9 @@ class Recipe:
 
 
 def build_peft_config(adapter: AdapterConfig):
-    """The PEFT config for an adapter section (a resolved one: defaults filled by load_recipe)."""
+    """The PEFT config for an adapter section (a resolved one: defaults filled by load_recipe); None for full."""
+    if adapter.method == "full":
+        return None
     alpha = adapter.lora_alpha if adapter.lora_alpha is not None else adapter.r
     if adapter.method in ("edora", "loraxs"):
         from pipeline.edora import EdoraConfig
@@ -546,7 +552,15 @@ def _check(r: Recipe, c: _Checker) -> None:
         c.err("adapter.dropout", f"{a.dropout} must be in [0, 1)")
     if not a.target_modules:
         c.err("adapter.target_modules", "is empty; list module names such as q_proj, v_proj")
-    if a.method in ("lora", "dora"):
+    if a.method == "full":
+        if m.load_in_4bit:
+            c.cross(("adapter.method", "model.load_in_4bit"), "a full fine-tune cannot train 4-bit weights; set "
+                    "model.load_in_4bit: false or use an adapter method")
+        elif m.dtype != "float32":
+            c.cross(("adapter.method", "model.dtype"), f"a full fine-tune keeps no fp32 master weights of a "
+                    f"{m.dtype} model (updates below its precision are lost); set model.dtype: float32 (training.bf16 "
+                    "still runs the matmuls in bf16)")
+    if a.method in ("lora", "dora", "full"):
         for opt in EDORA_ONLY:
             if getattr(a, opt) is not None:
                 c.cross(("adapter." + opt, "adapter.method"),
@@ -560,6 +574,12 @@ def _check(r: Recipe, c: _Checker) -> None:
             c.err("adapter.init_sigma", f"{a.init_sigma} must be > 0 (the authors used 1e-5)")
         if a.svd_niter < 0:
             c.err("adapter.svd_niter", f"{a.svd_niter} must be >= 0")
+    if a.magnitude_lr_ratio is not None:
+        if a.method != "edora":
+            c.cross(("adapter.magnitude_lr_ratio", "adapter.method"),
+                    f"only applies to method edora (the one with a trained magnitude), not {a.method}; remove it")
+        elif not 0 < a.magnitude_lr_ratio < float("inf"):
+            c.err("adapter.magnitude_lr_ratio", f"{a.magnitude_lr_ratio} must be a finite number > 0 (or null)")
     if a.lora_alpha is None and "adapter.r" not in c.bad:
         a.lora_alpha = a.r
 

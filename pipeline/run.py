@@ -39,13 +39,15 @@ def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = Path(recipe.run_dir)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").exists() or args.resume:
+    full = recipe.adapter.method == "full"  # the trained model is merged/ itself: nothing to merge
+    trained = (run_dir / "merged" / "config.json") if full else (adapter / "adapter_config.json")
+    if not trained.exists() or args.resume:
         train(recipe, resume=args.resume)
         free_accelerator_memory()  # the eval backend (vLLM) sizes itself from the free GPU memory
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under a multi-GPU launch only rank 0 merges and evaluates
     merged = run_dir / "merged"
-    if not (merged / "merge_report.json").exists():
+    if not full and not (merged / "merge_report.json").exists():
         code = cli_main(["merge", "--adapter", str(adapter), "--out", str(merged), "--dtype", args.merge_dtype])
         if code != 0:
             raise UserError(f"merge failed (exit {code}); the adapter is kept in {adapter}")
@@ -57,9 +59,6 @@ def main(args) -> int:
             cmd += ["--limit", str(args.limit)]
         if args.max_tokens:
             cmd += ["--max-tokens", str(args.max_tokens)]
-        from pipeline.evaluate import trained_prompt_format
-
-        cmd += ["--prompt", trained_prompt_format(str(adapter)) or "metamath"]  # eval as trained
         for spec in args.data_file:
             cmd += ["--data-file", spec]
         code = cli_main(cmd)

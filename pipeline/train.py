@@ -19,6 +19,7 @@ from pipeline.cli import UserError
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+FULL_DIR = "merged"  # where a full fine-tune (adapter.method: full) writes its model
 META_FILE = "edora_meta.json"
 
 
@@ -50,8 +51,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     ckpt = last_checkpoint(run_dir) if run_dir.exists() else None
     if resume and ckpt is None:
         raise UserError(f"--resume: no checkpoint-* folder in {run_dir}; run without --resume to start training")
-    if not resume and (ckpt is not None or (run_dir / ADAPTER_DIR).exists()):
-        raise UserError(f"{run_dir} already holds a run ({ckpt.name if ckpt else ADAPTER_DIR}). Pass --resume to "
+    held = next((d for d in (ADAPTER_DIR, FULL_DIR) if (run_dir / d).exists()), None)
+    if not resume and (ckpt is not None or held):
+        raise UserError(f"{run_dir} already holds a run ({ckpt.name if ckpt else held}). Pass --resume to "
                         "continue it, or set another --name / --output_dir; nothing was overwritten")
     return ckpt
 
@@ -119,7 +121,8 @@ def train(recipe, resume: bool = False):
         # norms fail there (DeepSpeed #8072). DeepSpeed keeps fp32 master copies, so bf16 R and m lose nothing.
         peft_config.adapter_dtype = recipe.model.dtype
 
-    trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir)
+    trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir,
+                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio)
     if is_edora and quant is not None and not deepspeed:
         # TRL casts a quantized model's trainable parameters to bf16; without DeepSpeed's fp32 master weights,
         # bf16 m (values ~1, updates ~1e-3) would stop moving. R and m are tiny: keep them fp32.
@@ -132,6 +135,11 @@ def train(recipe, resume: bool = False):
     if eval_ds is not None and trainer.state.global_step % sft_args.eval_steps:
         trainer.evaluate()  # the held-out loss of the final adapter, not only of the last eval_steps multiple
 
+    if recipe.adapter.method == "full":
+        finish_full(recipe, trainer, tokenizer, run_dir)
+        if trainer.is_world_process_zero():
+            trackers.record(run_dir, trainer)
+        return trainer
     adapter_dir = run_dir / ADAPTER_DIR
     # PEFT records the model's directory; keep the recipe's exact base (a .gguf file, a pkg:// path) for the merge
     for cfg in getattr(trainer.model, "peft_config", {}).values():
@@ -144,12 +152,20 @@ def train(recipe, resume: bool = False):
     return trainer
 
 
-def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path):
+def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
+                 magnitude_lr_ratio: float | None = None):
     import torch
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
-        """SFTTrainer whose log lines carry tokens/s and an ETA, and land in metrics.jsonl."""
+        """SFTTrainer whose log lines carry tokens/s and an ETA, and land in metrics.jsonl; EDoRA's magnitude can
+        have its own learning rate."""
+
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            if magnitude_lr_ratio is not None and magnitude_lr_ratio != 1:
+                split_magnitude_group(opt, self.model, magnitude_lr_ratio)
+            return opt
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             now = time.time()
@@ -177,6 +193,21 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
 
     return Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                    processing_class=tokenizer, peft_config=peft_config)
+
+
+def split_magnitude_group(optimizer, model, ratio: float) -> None:
+    """Move EDoRA's magnitudes into param groups of their own at `ratio` x the group's learning rate (the scheduler,
+    built afterwards, scales every group's own initial lr)."""
+    mags = {id(p) for n, p in model.named_parameters() if p.requires_grad and "edora_magnitude" in n}
+    if not mags:
+        raise UserError("adapter.magnitude_lr_ratio is set but the model has no trainable EDoRA magnitude")
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in mags]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in mags]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                       "lr": group["lr"] * ratio})
+    logger.info("magnitude learning rate: %g x training.learning_rate", ratio)
 
 
 def log_trainable(model) -> None:
@@ -211,6 +242,18 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
     logger.info("adapter saved to %s; merge it with: python -m pipeline merge --adapter %s", adapter_dir, adapter_dir)
+
+
+def finish_full(recipe, trainer, tokenizer, run_dir: Path):
+    """A full fine-tune has no adapter: the trained model is the merged checkpoint (runs/<name>/merged)."""
+    out = run_dir / FULL_DIR
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
+        logger.info("full fine-tune saved to %s (a plain checkpoint: nothing to merge)", out)
+    return trainer
 
 
 def record_prompt_format(adapter_dir: Path, prompt_format: str) -> None:

