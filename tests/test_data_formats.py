@@ -146,3 +146,17 @@ def test_chat_recipe_trains_and_evaluates_with_the_chat_template_through_run(tmp
     from pipeline.evaluate import trained_prompt_format
 
     assert trained_prompt_format(str(run / "merged")) == "chat"  # a later `eval --model runs/chat/merged`
+
+
+def test_eval_prompt_follows_the_recorded_training_format(tmp_path):
+    from pipeline.evaluate import trained_prompt_format
+
+    run = tmp_path / "runs" / "x"
+    (run / "merged").mkdir(parents=True)
+    assert trained_prompt_format(str(run / "merged")) is None  # nothing recorded: eval's default (metamath)
+    (run / "data_stats.json").write_text(json.dumps({"train": {"format": ["gsm8k", "messages"]}}))
+    assert trained_prompt_format(str(run / "merged")) == "chat"  # a full fine-tune: no adapter, data_stats.json
+    (run / "adapter").mkdir()
+    (run / "adapter" / "edora_meta.json").write_text(json.dumps({"prompt_format": "metamath"}))
+    assert trained_prompt_format(str(run / "merged")) == "metamath"  # the adapter's record comes first
+    assert trained_prompt_format("HuggingFaceTB/SmolLM2-135M") is None
