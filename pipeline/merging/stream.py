@@ -55,7 +55,7 @@ def check_shapes(module: str, shape: tuple, adapter: Adapter, part_shapes: dict)
 
 def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, stats: MergeStats) -> torch.Tensor:
     """The merged weight (fp32) of one adapted module, after checking the base is the one the adapter was made on."""
-    from pipeline.edora.layer import merged_weight_from_factors
+    from pipeline.edora import terms
 
     w0 = w0.to(torch.float32)
     if into == "dequantized":
@@ -64,8 +64,7 @@ def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, sta
         stats.quant_rel_change.append(((w0 - w_full).norm() / w_full.norm().clamp_min(1e-30)).item())
         del w_full
     f = adapter.factors(module)
-    saved = f["edora_row_norm2"].sqrt()
-    rel = ((w0.norm(dim=1) - saved).abs() / saved.clamp_min(1e-12)).median().item()
+    rel = terms.fingerprint_deviation(f["edora_row_norm2"], terms.row_norm2(w0))
     rtol = float(adapter.config.get("fingerprint_rtol", 0.05))
     if not rel <= rtol:
         raise UserError(f"the adapter was made on a different base model: the row norms of {module}.weight differ "
@@ -74,7 +73,7 @@ def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, sta
                         f"(adapter_config.json says {adapter.config.get('base_model_name_or_path')!r}).")
     stats.fingerprint_max_rel = max(stats.fingerprint_max_rel, rel)
     m = f["edora_magnitude"] if adapter.use_magnitude else None
-    w, _ = merged_weight_from_factors(w0, f["edora_A"], f["edora_B"], f["edora_R"], m, adapter.scaling)
+    w, _ = terms.merged_weight(w0, f["edora_A"], f["edora_B"], f["edora_R"], m, adapter.scaling)
     if not torch.isfinite(w).all():
         raise UserError(f"merging gives NaN/Inf in {module}.weight: the adapter (or the base) is broken")
     stats.modules += 1
