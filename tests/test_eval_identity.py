@@ -4,9 +4,9 @@ Each test reproduces a case that 84acf48 got wrong."""
 
 import json
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import threading
 
 import pytest
 
