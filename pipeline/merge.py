@@ -159,7 +159,7 @@ def main(args) -> int:
 
     import pipeline.edora  # noqa: F401 - registers EDoRA with PEFT (verification loads the adapter through PEFT)
     from pipeline.merging.adapter import read_adapter
-    from pipeline.merging.checks import check_out_dir, clean_stale_partials
+    from pipeline.merging.checks import check_base_fingerprint, check_out_dir, clean_stale_partials
 
     t_start = time.perf_counter()
     adapter = read_adapter(args.adapter)
@@ -179,6 +179,7 @@ def main(args) -> int:
     load_spec, base_dir = resolve_base(base_spec)
     check_out_dir(out, args.overwrite, {"adapter": adapter.dir, "base model": Path(load_spec)})
     clean_stale_partials(out)
+    base_check = check_base_fingerprint(adapter, base_dir)
     dtype_name = args.dtype or base_dtype_name(base_dir) or "bfloat16"
     dtype = getattr(torch, dtype_name)
     if base_dir is not None and "quantization_config" in json.loads((base_dir / "config.json").read_text()):
@@ -202,6 +203,7 @@ def main(args) -> int:
     try:
         report = _merge_into(tmp, adapter, base_spec, load_spec, base_dir, dtype_name, dtype, args, max_shard)
         _check_result(tmp, adapter, base_dir, report, args)
+        report["base_fingerprint"] = base_check
         report["timing_s"]["merge"] = time.perf_counter() - t_start
         report["peak_rss_gib"]["merge"] = peak_rss_gib()
         failed = None

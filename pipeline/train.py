@@ -236,6 +236,7 @@ def log_trainable(model) -> None:
 
 def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
     from pipeline.edora.loader import add_card_note
+    from pipeline.merging.checks import training_fingerprint
 
     tokenizer.save_pretrained(adapter_dir)
     m = recipe.model
@@ -252,6 +253,9 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
         "method": recipe.adapter.method,
         "recipe": recipe.name,
         "global_step": trainer.state.global_step,
+        # checked by the merge: the base weights this adapter adapts (null when the base is not a local or cached
+        # safetensors checkpoint, e.g. a .gguf file)
+        "base_fingerprint": training_fingerprint(m.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
     }
     (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     if recipe.adapter.method in ("edora", "loraxs"):

@@ -139,3 +139,27 @@ def test_stale_partial_dirs_are_removed_by_the_next_merge(made, tmp_path, caplog
     assert f"left by a merge that was killed (pid {dead.pid})" in caplog.text
     report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
     assert report["formula_max_rel_diff"] < 1e-5 and report["stats"]["weights_changed"] == 14
+
+
+def test_a_lora_adapter_on_a_wrong_base_is_refused_by_the_training_fingerprint(made, tmp_path, capsys):
+    """LoRA carries no fingerprint of its base: training records one (edora_meta.json) and the merge checks it."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.merging.checks import training_fingerprint
+
+    base, _ = made
+    model = get_peft_model(tiny_llama(seed=0, vocab=VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "lora")
+    meta = {"base_model": str(base), "base_load_in_4bit": False,
+            "base_fingerprint": training_fingerprint(str(base), tmp_path / "lora" / "adapter_model.safetensors")}
+    assert meta["base_fingerprint"].startswith("sha256:")
+    (tmp_path / "lora" / "edora_meta.json").write_text(json.dumps(meta))
+    other = altered_base(base, tmp_path, "noise")
+    rc, err = merge(capsys, "--adapter", tmp_path / "lora", "--base", other, "--out", tmp_path / "m")
+    assert rc == 2 and "recorded at training" in err and not (tmp_path / "m").exists()
+    assert merge(capsys, "--adapter", tmp_path / "lora", "--base", base, "--out", tmp_path / "m")[0] == 0
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["base_fingerprint"]["checked"] is True

@@ -75,6 +75,11 @@ def test_the_log_says_which_rows_do_not_train_and_why(trained):
     assert stats["truncation"]["prompt_too_long"] == 1
 
 
+def test_training_records_the_base_fingerprint_for_the_merge(trained):
+    meta = json.loads((trained[1] / "adapter" / "edora_meta.json").read_text())
+    assert meta["base_fingerprint"].startswith("sha256:")
+
+
 def copy_run(trained, tmp_path):
     recipe, run, *_ = trained
     dst = tmp_path / "runs" / "r"

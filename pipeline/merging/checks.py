@@ -9,10 +9,14 @@
 - `check_formula`: the written merged weights equal (m / n) ⊙_row (W0 + s·B R A), recomputed in float64 from the
   saved files (the first rows of every adapted weight).
 - `adapter_is_trained`: whether the file holds a trained adapter, so that a merge changing nothing is an error.
+- `base_fingerprint`: a hash of the first rows of every adapted base weight, saved by training in edora_meta.json
+  and checked by the merge (for every adapter type, LoRA included: it carries no fingerprint of its own).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -215,3 +219,75 @@ def adapter_is_trained(adapter) -> bool:
     from .adapter import _tensor_keys
 
     return any(".lora_B" in k and adapter.load(k).abs().max().item() > 0 for k in _tensor_keys(adapter.tensor_file))
+
+
+FINGERPRINT_ROWS = 8
+
+
+def adapted_weight_names(keys: list[str]) -> list[str]:
+    """Base weight names an adapter file adapts ('model.layers.0.self_attn.q_proj.weight'), from its tensor keys."""
+    from .adapter import PREFIX
+    from .st_io import natural_key
+
+    names = set()
+    for key in keys:
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for marker in (".lora_A.", ".edora_A"):
+            if marker in name:
+                names.add(name.split(marker)[0] + ".weight")
+    return sorted(names, key=natural_key)
+
+
+def base_fingerprint(base_dir: Path, names: list[str]) -> str:
+    """sha256 of the first FINGERPRINT_ROWS rows (as fp32) of each named weight of a safetensors checkpoint."""
+    from .st_io import BaseCheckpoint
+
+    base = BaseCheckpoint(base_dir)
+    h = hashlib.sha256()
+    for name in names:
+        if name not in base.files:
+            h.update(f"{name}: missing".encode())
+            continue
+        h.update(name.encode() + b"\0" + base.head(name, FINGERPRINT_ROWS).float().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def local_safetensors_dir(spec: str) -> Path | None:
+    """The local safetensors dir of a base spec without any download (a hub id: the cached copy), else None."""
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        if spec.startswith("pkg://") or spec.endswith(".gguf") or spec.count("/") != 1:
+            return None
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(spec, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:  # noqa: BLE001 - not cached: no fingerprint, said so in the meta
+            return None
+    has = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    return p if has else None
+
+
+def training_fingerprint(spec: str, tensor_file: Path) -> str | None:
+    """What training records in edora_meta.json: the base fingerprint over the weights its adapter adapts."""
+    from .adapter import _tensor_keys
+
+    base_dir = local_safetensors_dir(spec)
+    return base_fingerprint(base_dir, adapted_weight_names(_tensor_keys(tensor_file))) if base_dir else None
+
+
+def check_base_fingerprint(adapter, base_dir: Path | None) -> dict:
+    """Compare the fingerprint training saved (edora_meta.json) with this base; UserError when they differ."""
+    from .adapter import META_FILE, _tensor_keys
+
+    meta_path = adapter.dir / META_FILE
+    saved = json.loads(meta_path.read_text()).get("base_fingerprint") if meta_path.is_file() else None
+    if saved is None or base_dir is None:
+        return {"saved": saved, "checked": False}
+    now = base_fingerprint(base_dir, adapted_weight_names(_tensor_keys(adapter.tensor_file)))
+    if now != saved:
+        raise UserError(f"the adapter was made on a different base model: the base weights it adapts differ from the "
+                        f"ones recorded at training ({meta_path}: base_fingerprint {saved}, this base {now}). Pass "
+                        f"the base it was trained on with --base ({meta_path.name} says "
+                        f"{json.loads(meta_path.read_text()).get('base_model')!r})")
+    return {"saved": saved, "checked": True}
