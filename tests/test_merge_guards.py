@@ -163,3 +163,26 @@ def test_a_lora_adapter_on_a_wrong_base_is_refused_by_the_training_fingerprint(m
     assert rc == 2 and "recorded at training" in err and not (tmp_path / "m").exists()
     assert merge(capsys, "--adapter", tmp_path / "lora", "--base", base, "--out", tmp_path / "m")[0] == 0
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["base_fingerprint"]["checked"] is True
+
+
+def test_every_saved_lora_tensor_must_be_used(made, tmp_path, capsys):
+    """Tensors PEFT does not load (here renamed so no module matches) used to be skipped with a warning: the merge
+    then wrote the base unchanged and verified it against the same, equally incomplete, adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = made
+    model = get_peft_model(tiny_llama(seed=0, vocab=VOCAB), LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    path = tmp_path / "lora" / "adapter_model.safetensors"
+    sd = load_file(path)
+    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v for k, v in sd.items()}, path)
+    rc, err = merge(capsys, "--adapter", tmp_path / "lora", "--out", tmp_path / "m")
+    assert rc == 2 and "PEFT did not use 2 tensor(s)" in err and "qq_proj" in err
+    assert not (tmp_path / "m").exists()
