@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--new-run", action="store_true",
                         help="when runs/<name>/ was trained with a recipe that differs in what it trains, train a "
-                             "new run <name>-N instead of refusing")
+                             "new run <name>-<recipe hash> instead of refusing")
 
 
 def main(args) -> int:

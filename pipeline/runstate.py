@@ -4,12 +4,13 @@
 writer is refused with the owner named, and a lock left by a process that no longer runs (same host) is named and
 taken over. `check_recipe(recipe, new_run)` compares a resolved recipe with runs/<name>/recipe.yaml of a run that
 already trained: bookkeeping keys may change, anything that changes what is trained is refused with the diff (or,
-with new_run, the recipe is renamed to the next free <name>-N).
+with new_run, the recipe is renamed <name>-<8 hex digits of its training settings>).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -192,14 +193,15 @@ def check_recipe(recipe, new_run: bool = False):
             logger.info("recipe: %s changes from %r to %r (bookkeeping only)", key, a, b)
         return recipe
     if new_run:
-        n = 2
-        while (Path(recipe.output_dir) / f"{recipe.name}-{n}").exists():
-            n += 1
-        name = f"{recipe.name}-{n}"
+        # named by the recipe, not by what is on disk: every rank of a distributed launch picks the same dir, and
+        # the same command run again continues that run (--resume) instead of starting a third
+        trained = {k: v for k, v in _flatten(recipe.to_dict()).items() if k not in BOOKKEEPING and k != "name"}
+        digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        name = f"{recipe.name}-{digest}"
         logger.info("the recipe differs from %s in %s: starting a new run, %s", stored_path,
                     ", ".join(binding), name)
         return dataclasses.replace(recipe, name=name)
     diff = "\n".join(f"  {k}: {a!r} (stored) -> {b!r} (now)" for k, (a, b) in binding.items())
     raise UserError(f"{run_dir} was trained with another recipe ({stored_path}); these changes would change what is "
                     f"trained:\n{diff}\nDrop the changes to continue that run, pass --new-run to train a new one "
-                    f"({recipe.name}-2), or set another --name. Nothing was written.")
+                    f"({recipe.name}-<hash of the recipe>), or set another --name. Nothing was written.")

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
                         help="continue from the last checkpoint in runs/<name>/ (same recipe and overrides)")
     parser.add_argument("--new-run", action="store_true",
                         help="when runs/<name>/ was trained with a recipe that differs in what it trains, start a "
-                             "new run <name>-N instead of refusing")
+                             "new run <name>-<recipe hash> instead of refusing")
     parser.epilog = "Any recipe key can be overridden: --training.learning_rate=1e-4 --adapter.r=32"
 
 

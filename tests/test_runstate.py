@@ -5,6 +5,7 @@ Each test reproduces a case that 84acf48 got wrong."""
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -126,11 +127,18 @@ def test_run_does_not_reuse_an_adapter_trained_with_another_recipe(trained, tmp_
 
 
 def test_new_run_trains_the_changed_recipe_beside_the_old_one(trained, tmp_path):
+    from pipeline.recipe import load_recipe
+    from pipeline.runstate import check_recipe
+
     recipe, run = copy_run(trained, tmp_path)
-    assert cli(["train", str(recipe), "--new-run", "--training.learning_rate=0.001", "--training.max_steps=1"]) == 0
-    new = run.parent / "r-2"
-    assert yaml.safe_load((new / "recipe.yaml").read_text())["training"]["learning_rate"] == 0.001
-    assert yaml.safe_load((run / "recipe.yaml").read_text())["training"]["learning_rate"] != 0.001
+    changed = load_recipe(recipe, ["--training.learning_rate=0.001"])
+    new = check_recipe(changed, new_run=True)
+    assert re.fullmatch(r"r-[0-9a-f]{8}", new.name) and new.training.learning_rate == 0.001
+    assert new.run_dir == run.parent / new.name and not new.run_dir.exists()
+    assert check_recipe(changed, new_run=True).name == new.name  # every rank, every rerun: the same dir
+    assert check_recipe(load_recipe(recipe, ["--training.learning_rate=0.002"]), new_run=True).name != new.name
+    same = load_recipe(recipe, ["--training.logging_steps=7"])  # bookkeeping only: the same run continues
+    assert check_recipe(same, new_run=True).name == "r"
 
 
 def test_resume_skips_an_incomplete_checkpoint(trained, tmp_path):

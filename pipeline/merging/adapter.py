@@ -105,14 +105,14 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise UserError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors: the adapter "
                         "weights are missing (was training interrupted before saving?)")
     adapter = Adapter(dir=adapter_dir, config=cfg, tensor_file=tensor_file, quant=read_quant_info(adapter_dir))
+    if adapter.peft_type not in ("EDORA", "LORA"):
+        raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
+                        "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
     from .checks import check_tensor_types
 
     check_tensor_types(adapter.peft_type, _tensor_keys(tensor_file), tensor_file)
     if adapter.peft_type == "EDORA":
         _index_edora_keys(adapter)
-    elif adapter.peft_type != "LORA":
-        raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
-                        "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
     return adapter
 
 
