@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import UserError
+from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def main(args) -> int:
                         "(pip install -r deploy/requirements-vllm.txt; see deploy/README.md), or use --dry-run to "
                         "print the command")
     check_server_imports()
-    logger.info("starting: %s", shlex.join(cmd))
+    logger.info("starting: %s", shlex.join(redact_argv(cmd)))
     sys.stdout.flush()
     os.execv(exe, cmd)
     return 0  # not reached

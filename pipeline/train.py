@@ -100,10 +100,11 @@ def check_launcher(recipe) -> None:
     settings = yaml.safe_load(Path(acc).read_text()) or {}
     if settings.get("distributed_type") == "DEEPSPEED":
         n = recipe.launcher.num_processes
-        rest = " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else "RECIPE.yaml"
+        command = sys.argv[1] if sys.argv[1:2] in (["train"], ["run"]) else "train"
+        rest = " ".join(sys.argv[2:]) if sys.argv[1:2] == [command] else "RECIPE.yaml"
         raise UserError(f"the recipe's launcher.accelerate_config ({acc}) uses DeepSpeed, but this process was not "
                         f"started by accelerate (it would train without DeepSpeed). Run: accelerate launch "
-                        f"--config_file {acc} --num_processes {n} -m pipeline train {rest}; or "
+                        f"--config_file {acc} --num_processes {n} -m pipeline {command} {rest}; or "
                         "set --launcher.accelerate_config=null to train without it")
 
 

@@ -5,7 +5,7 @@
 - `clean_stale_partials`: hidden work dirs left by killed merges are removed (their pid is gone) or reported.
 - `check_tensor_types`: the adapter type in adapter_config.json matches the tensors in the file.
 - `check_factors`: the saved EDoRA row norms and SVD factors match this base weight (Bᵀ W0 Aᵀ = A Aᵀ), a
-  fingerprint of the base the adapter was trained on that equal row norms or 1% noise cannot pass.
+  fingerprint of the base the adapter was trained on that equal row norms or 10% noise cannot pass.
 - `check_formula`: the written merged weights equal (m / n) ⊙_row (W0 + s·B R A), recomputed in float64 from the
   saved files (the first rows of every adapted weight).
 - `adapter_is_trained`: whether the file holds a trained adapter, so that a merge changing nothing is an error.
@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "trainer_state.json", "adapter")
 # Max ||Bᵀ W0 Aᵀ - A Aᵀ||_F / ||A Aᵀ||_F by the dtype the factors were saved in: float rounding of A and B only.
 # Measured on the tiny test Llama (r = 4, 14 layers): the right base 1.2e-6 (fp32 factors) / 9.6e-4 (bf16); a base
-# with 1% / 10% Gaussian noise at least 8.5e-4 / 6.4e-3; other weights with equal row norms 0.94.
-FACTOR_TOL = {"F32": 1e-4, "BF16": 3e-3, "F16": 5e-4}
+# with 1% / 10% Gaussian noise at least 8.5e-4 / 6.4e-3; other weights with equal row norms 0.94. fp32 keeps a wide
+# margin (a GPU SVD, a base trained in bf16 from fp32 files); small noise is the row norms' job.
+FACTOR_TOL = {"F32": 1e-3, "BF16": 3e-3, "F16": 1e-3}
 # Max relative row-norm difference, by the dtype the norms were saved in: training saves ||W0_i||² in fp32 from the
 # weight it loaded, and the same checkpoint read again gives the same norms up to summation order; a 16-bit save
 # rounds them (bf16: up to 2^-9 of the norm). A base with 10% noise is ~0.5% off.
