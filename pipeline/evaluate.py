@@ -141,16 +141,17 @@ def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
     path.write_text(json.dumps(old, indent=2) + "\n")
 
 
-def identify_model(args):
+def identify_model(args, ask_server: bool = True):
     """(openai backend or None, {served_model, model_fingerprint}): what will produce the results, recorded in
-    run.json and summary.json and checked on resume. The openai backend is made here to ask the server."""
+    run.json and summary.json and checked on resume. The openai backend is made here to ask the server (only when
+    something is left to generate: a finished run regenerates its summary without a server)."""
     from eval.backends import BackendError, make_backend
     from eval.fingerprint import weights_fingerprint
 
     if args.predictions:
         return None, {}
     backend, served, local = None, None, Path(args.model)
-    if args.backend == "openai":
+    if args.backend == "openai" and ask_server:
         try:
             backend = make_backend("openai", args.model, batch_size=args.batch_size, tensor_parallel_size=1,
                                    base_url=args.base_url, api_key=args.api_key, timeout_s=args.request_timeout,
@@ -253,15 +254,17 @@ def main(args) -> int:
            "tasks": {t.name: {"data": data_info[t.name]["source"], "data_sha256": data_info[t.name]["sha256"],
                               "sampling": None if args.predictions else sampling[t.name].to_dict(),
                               "prompt": METAMATH_PROMPT} for t in tasks}}
-    backend, identity = identify_model(args)
-    run.update(identity)
     samples_path = out_dir / "samples.jsonl"
     try:
         done = load_done(samples_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
     pending = {n: [s for s in ss if (n, s.id) not in done] for n, ss in samples.items()}
+    backend, identity = identify_model(args, ask_server=any(pending.values()))
+    run.update(identity)
+    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
+    recorded = json.loads((out_dir / "run.json").read_text())  # what made the samples (kept from earlier runs)
+    identity = {k: recorded.get(k) for k in ("served_model", "model_fingerprint")}
     n_done = sum(len(samples[n]) - len(p) for n, p in pending.items())
     if n_done:
         logger.info("resuming: %d samples already in %s are kept", n_done, samples_path)

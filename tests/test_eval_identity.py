@@ -136,3 +136,13 @@ def test_eval_flag_typos_are_errors(tmp_path, capsys, flag):
     data = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
     assert cli_main(["eval", "--model", "m", "--tasks", "gsm8k", "--data-file", f"gsm8k={data}", flag, "K"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_finished_run_regenerates_its_summary_without_the_server(tmp_path):
+    data = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
+    out = tmp_path / "o"
+    with FakeServer() as server:
+        args = eval_args(server.url, "fake-model", data, out, "--limit", "1")
+        assert cli_main(args) == 0
+    assert cli_main(args) == 0  # server gone, nothing left to generate
+    assert json.loads((out / "summary.json").read_text())["served_model"] == "fake-model"
