@@ -259,8 +259,8 @@ def _check_result(tmp: Path, adapter, base_dir, report: dict, args) -> None:
         from pipeline.merging.st_io import BaseCheckpoint
 
         report["formula_max_rel_diff"] = check_formula(tmp, BaseCheckpoint(base_dir), adapter, report["into"])
-    else:
-        report["formula_max_rel_diff"] = None  # the base is not a safetensors dir to re-read it from
+    else:  # checked while merging in memory (checks.formula_residual); None for PEFT's own LoRA merge
+        report["formula_max_rel_diff"] = stats.get("formula_max_rel_diff")
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from pipeline.cli import UserError
 
 from .adapter import Adapter
-from .checks import check_factors, factor_tolerance
+from .checks import check_factors, factor_tolerance, formula_residual
 from .quant import dequantized_4bit
 from .st_io import BaseCheckpoint, Entry, ShardWriter, plan_shards, shard_names, write_index
 
@@ -36,13 +36,14 @@ class MergeStats:
     factor_max_rel: float = 0.0          # worst ||A - Bᵀ W0|| / ||A|| (checks.factor_residual)
     factor_tol: dict = field(default_factory=dict)  # checks.factor_tolerance
     changed: int = 0                     # adapted weights whose written values differ from the base's
+    formula_max_rel: float | None = None  # in-memory merges: checks.formula_residual, worst over modules
 
     def to_json(self) -> dict:
         q = self.quant_rel_change
         return {"modules_merged": self.modules, "tensors_written": self.tensors,
                 "fingerprint_max_median_rel_diff": self.fingerprint_max_rel,
                 "svd_factor_max_rel_residual": self.factor_max_rel, "svd_factor_tolerance": self.factor_tol,
-                "weights_changed": self.changed, "abs_max": self.abs_max,
+                "weights_changed": self.changed, "formula_max_rel_diff": self.formula_max_rel, "abs_max": self.abs_max,
                 "dequantized_vs_full_weight_rel_diff_mean": (sum(q) / len(q)) if q else None}
 
 
@@ -168,7 +169,7 @@ def adapter_shapes(adapter: Adapter) -> dict:
 
 def memory_merge(model, adapter: Adapter, dtype: torch.dtype, into: str) -> MergeStats:
     """Merge into a loaded (fp32) transformers model in place: for bases only transformers can read (GGUF, .bin)."""
-    stats = MergeStats(factor_tol=factor_tolerance(adapter))
+    stats = MergeStats(factor_tol=factor_tolerance(adapter), formula_max_rel=0.0)
     params = dict(model.named_parameters())
     part_shapes = adapter_shapes(adapter)
     for module in adapter.modules:
@@ -178,9 +179,13 @@ def memory_merge(model, adapter: Adapter, dtype: torch.dtype, into: str) -> Merg
         check_shapes(module, tuple(params[f"{module}.weight"].shape), adapter, part_shapes[module])
     for module in tqdm(adapter.modules, desc="merging", unit="module"):
         p = params[f"{module}.weight"]
-        w0 = p.data.to(dtype)
-        p.data = merge_weight(module, p.data, adapter, into, stats)
-        stats.changed += int(not torch.equal(p.data.to(dtype), w0))
+        w0 = p.data
+        merged = merge_weight(module, w0, adapter, into, stats)
+        stats.changed += int(not torch.equal(merged.to(dtype), w0.to(dtype)))
+        # the float64 formula from the saved files, on the weight as it will be written
+        stats.formula_max_rel = max(stats.formula_max_rel, formula_residual(f"{module}.weight", w0, merged.to(dtype),
+                                                                            adapter, module, into))
+        p.data = merged
     for key, akey in adapter.replaced.items():
         params[key].data = adapter.load(akey)
     for name, p in model.named_parameters():
