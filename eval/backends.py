@@ -73,7 +73,7 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 32,
-                 retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 600.0):
+                 retries: int = 2, backoff_s: float = 1.0, timeout_s: float = 300.0):
         import requests
 
         self.session = requests.Session()
@@ -93,7 +93,7 @@ class OpenAIBackend:
 
         url = f"{self.base_url}/models"
         try:
-            resp = self.session.get(url, headers=self.headers, timeout=10)
+            resp = self.session.get(url, headers=self.headers, timeout=(10, min(self.timeout_s, 30)))
         except requests.RequestException as e:
             raise BackendError(f"cannot reach the server at {url} ({type(e).__name__}). Start it with "
                                "`python -m pipeline serve ...` (or `vllm serve MODEL`) and wait until it says it is "
@@ -102,17 +102,16 @@ class OpenAIBackend:
             raise BackendError(f"{url} refused the API key (HTTP {resp.status_code}); pass --api-key")
         if resp.status_code != 200:
             raise BackendError(f"{url} answered HTTP {resp.status_code}: {resp.text[:200]}")
-        served = [m["id"] for m in resp.json().get("data", [])]
+        cards = _json(resp, url).get("data", [])
+        served = [m["id"] for m in cards]
+        self.roots = {m["id"]: m.get("root") for m in cards}  # vLLM: the path or hub id each id was loaded from
         if model in served:
             return model
         if model is None and len(served) == 1:
             return served[0]
-        if len(served) == 1:
-            logger.warning("--model %r is not served at %s; using the one model it serves: %r",
-                           model, self.base_url, served[0])
-            return served[0]
-        raise BackendError(f"--model {model!r} is not served at {self.base_url}; it serves {served}. "
-                           "Pass one of those as --model")
+        # never score one model and file the results under another name
+        raise BackendError(f"--model {model!r} is not served at {self.base_url}; it serves {served}. Pass the "
+                           "served id as --model (`pipeline serve --served-model-name` sets it)")
 
     def _complete(self, prompt: str, sampling: Sampling) -> tuple[str, int]:
         import requests
@@ -122,7 +121,7 @@ class OpenAIBackend:
         url = f"{self.base_url}/completions"
         for attempt in range(self.retries + 1):
             try:
-                resp = self.session.post(url, json=body, headers=self.headers, timeout=self.timeout_s)
+                resp = self.session.post(url, json=body, headers=self.headers, timeout=(10, self.timeout_s))
                 if resp.status_code < 500:
                     break
                 problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -136,8 +135,12 @@ class OpenAIBackend:
             time.sleep(delay)
         if resp.status_code != 200:
             raise BackendError(f"{url} rejected the request (HTTP {resp.status_code}): {resp.text[:300]}")
-        data = resp.json()
-        text = data["choices"][0]["text"]
+        data = _json(resp, url)
+        try:
+            text = data["choices"][0]["text"]
+        except (KeyError, IndexError, TypeError):
+            raise BackendError(f"{url} answered without choices[0].text: {resp.text[:200]!r}; is it an "
+                               "OpenAI-compatible completions server?") from None
         tokens = (data.get("usage") or {}).get("completion_tokens") or 0
         return text, tokens
 
@@ -152,6 +155,18 @@ class OpenAIBackend:
             finally:
                 for fut in futures:
                     fut.cancel()
+
+
+def _json(resp, url: str) -> dict:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise BackendError(f"{url} did not answer JSON (HTTP {resp.status_code}, "
+                           f"{resp.headers.get('Content-Type', 'no content type')}): {resp.text[:120]!r}. Check "
+                           "--base-url: it must point at an OpenAI-compatible server's /v1")
+    return data
 
 
 # --- transformers --------------------------------------------------------------------------------------------------
@@ -196,11 +211,12 @@ class HFBackend:
 
 
 def make_backend(name: str, model: str | None, *, batch_size: int | None, tensor_parallel_size: int,
-                 base_url: str | None, api_key: str | None):
+                 base_url: str | None, api_key: str | None, timeout_s: float = 300.0, attempts: int = 3):
     if name == "vllm":
         return VLLMBackend(model, tensor_parallel_size=tensor_parallel_size)
     if name == "openai":
-        return OpenAIBackend(base_url, model=model, api_key=api_key, concurrency=batch_size or 32)
+        return OpenAIBackend(base_url, model=model, api_key=api_key, concurrency=batch_size or 32,
+                             retries=attempts - 1, timeout_s=timeout_s)
     if name == "hf":
         try:
             return HFBackend(model, batch_size=batch_size or 8)

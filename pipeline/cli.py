@@ -23,18 +23,48 @@ COMMANDS = {
 }
 
 
+# Commands that read a recipe and take `--section.key=value` overrides after their own flags.
+TAKES_OVERRIDES = ("train", "validate", "run")
+_SUBPARSERS: dict = {}
+
+
 class UserError(Exception):
     """An error caused by the user's input; printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: a typo such as --over must not silently mean --overwrite
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         importlib.import_module(module_name).add_arguments(p)
+        _SUBPARSERS[name] = p
     return parser
+
+
+def unknown_flags(command: str, extra: list[str]) -> list[str]:
+    """Arguments argparse did not know that are not recipe overrides either, each with a suggestion."""
+    import difflib
+
+    top: set[str] = set()
+    if command in TAKES_OVERRIDES:
+        from pipeline.recipe import _schema_keys
+
+        top = {k for k in _schema_keys() if "." not in k}
+    flags = [o for a in _SUBPARSERS[command]._actions for o in a.option_strings]
+    bad = []
+    for i, arg in enumerate(extra):
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if command in TAKES_OVERRIDES and (key is None or "." in key or key in top):
+            continue  # an override (or its value); the recipe loader checks it
+        if key is None and i > 0 and extra[i - 1].startswith("-") and "=" not in extra[i - 1]:
+            continue  # the value of an unknown flag already reported
+        close = difflib.get_close_matches(arg.split("=", 1)[0].replace("_", "-"), flags, n=1, cutoff=0.6)
+        bad.append(arg + (f" (did you mean {close[0]}?)" if close else ""))
+    return bad
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -49,6 +79,11 @@ def setup_logging(verbose: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    bad = unknown_flags(args.command, extra)
+    if bad:
+        print(f"error: python -m pipeline {args.command}: unrecognized arguments: {', '.join(bad)}; see "
+              f"python -m pipeline {args.command} --help", file=sys.stderr)
+        return 2
     args.overrides = extra  # `--key=value` recipe overrides; each command validates its own
     setup_logging(args.verbose)
     module = importlib.import_module(COMMANDS[args.command][0])

@@ -180,10 +180,7 @@ def _read_rows(source: str, split: Split) -> tuple[list[tuple[str, object]], str
         if not path.is_file():
             raise UserError(f"data file {source} not found")
         if suffix == ".parquet":
-            from datasets import load_dataset
-
-            rows = [(f"row {i + 1}", r) for i, r in enumerate(load_dataset("parquet", data_files=str(path),
-                                                                           split="train").to_list())]
+            rows = _read_parquet(path)
         else:
             rows = _read_json(path)
         start, stop = split.bounds(len(rows))
@@ -196,8 +193,23 @@ def _read_rows(source: str, split: Split) -> tuple[list[tuple[str, object]], str
     return [(f"row {start + i + 1}", r) for i, r in enumerate(ds.to_list())], source
 
 
+def _read_parquet(path: Path) -> list[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError variants for a non-Parquet file
+        raise UserError(f"{path} is not a Parquet file ({str(e)[:100]}); convert it, or rename a JSON Lines file to "
+                        ".jsonl") from None
+    return [(f"row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+
+
 def _read_json(path: Path) -> list[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (line {line}: {e.reason}); re-save it as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return [(f"item {i + 1}", r) for i, r in enumerate(json.loads(text))]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli import UserError
+from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'question' (and 'task' when grading several tasks); a samples.jsonl works too")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
                         help=f"--backend openai: the server's URL (default {DEFAULT_BASE_URL})")
-    parser.add_argument("--api-key", help="--backend openai: the server's API key (vllm serve --api-key)")
+    parser.add_argument("--api-key", help="--backend openai: the server's API key (vllm serve --api-key); never "
+                                          "written to result files")
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="--backend openai: seconds to wait for one completion (default 300; connecting times "
+                             "out after 10)")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="--backend openai: tries per request before giving up (default 3; backoff 1 s, 2 s, ...)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs per model")
     parser.add_argument("--batch-size", type=int,
                         help="hf: prompts per generate call (default 8); openai: requests in flight (default 32); "
@@ -101,6 +108,13 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
         errors.append(f"--max-tokens {args.max_tokens}: must be positive")
     if args.batch_size is not None and args.batch_size <= 0:
         errors.append(f"--batch-size {args.batch_size}: must be positive")
+    if not args.request_timeout > 0:
+        errors.append(f"--request-timeout {args.request_timeout}: must be a positive number of seconds")
+    if args.attempts < 1:
+        errors.append(f"--attempts {args.attempts}: must be >= 1")
+    if args.model and not args.predictions and (Path(args.model) / "adapter_config.json").is_file():
+        errors.append(f"--model {args.model} is an adapter dir; evaluation needs a merged checkpoint. Merge it first: "
+                      f"python -m pipeline merge --adapter {args.model}  (then pass the 'merged' dir it prints)")
     if errors:
         raise UserError("\n  ".join(["invalid eval arguments:"] + errors))
     return [TASKS[n] for n in names], data_files
@@ -124,6 +138,9 @@ def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
     problems = []
     if old["model"] != run["model"]:
         problems.append(f"model was {old['model']!r}, now {run['model']!r}")
+    for key, what in (("served_model", "the server serves"), ("model_fingerprint", "weights fingerprint")):
+        if old.get(key) and run.get(key) and old[key] != run[key]:
+            problems.append(f"{what} was {old[key]!r}, now {run[key]!r} (other weights under the same name)")
     for name, cfg in run["tasks"].items():
         prev = old["tasks"].get(name)
         if prev is None:
@@ -135,7 +152,32 @@ def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
         raise UserError(f"{path.parent} holds results made with other settings ({'; '.join(problems)}). "
                         "Use another --out, or delete that dir to start over")
     old["tasks"].update(run["tasks"])
+    old.update({k: run[k] for k in ("served_model", "model_fingerprint") if run.get(k)})
     path.write_text(json.dumps(old, indent=2) + "\n")
+
+
+def identify_model(args, ask_server: bool = True):
+    """(openai backend or None, {served_model, model_fingerprint}): what will produce the results, recorded in
+    run.json and summary.json and checked on resume. The openai backend is made here to ask the server (only when
+    something is left to generate: a finished run regenerates its summary without a server)."""
+    from eval.backends import BackendError, make_backend
+    from eval.fingerprint import weights_fingerprint
+
+    if args.predictions:
+        return None, {}
+    backend, served, local = None, None, Path(args.model)
+    if args.backend == "openai" and ask_server:
+        try:
+            backend = make_backend("openai", args.model, batch_size=args.batch_size, tensor_parallel_size=1,
+                                   base_url=args.base_url, api_key=args.api_key, timeout_s=args.request_timeout,
+                                   attempts=args.attempts)
+        except BackendError as e:
+            raise UserError(str(e)) from None
+        served = backend.model
+        root = backend.roots.get(served)
+        if not local.is_dir() and root and Path(root).is_dir():
+            local = Path(root)  # the server runs on this machine: fingerprint what it loaded
+    return backend, {"served_model": served, "model_fingerprint": weights_fingerprint(local)}
 
 
 def trained_prompt_format(model: str | None) -> str | None:
@@ -273,8 +315,12 @@ def main(args) -> int:
         done = load_done(samples_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
     pending = {n: [s for s in ss if (n, s.id) not in done] for n, ss in samples.items()}
+    backend, identity = identify_model(args, ask_server=any(pending.values()))
+    run.update(identity)
+    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
+    recorded = json.loads((out_dir / "run.json").read_text())  # what made the samples (kept from earlier runs)
+    identity = {k: recorded.get(k) for k in ("served_model", "model_fingerprint")}
     n_done = sum(len(samples[n]) - len(p) for n, p in pending.items())
     if n_done:
         logger.info("resuming: %d samples already in %s are kept", n_done, samples_path)
@@ -292,9 +338,9 @@ def main(args) -> int:
                     done[(task.name, sample.id)] = row
         elif any(pending.values()):
             try:
-                backend = make_backend(args.backend, args.model, batch_size=args.batch_size,
-                                       tensor_parallel_size=args.tensor_parallel_size, base_url=args.base_url,
-                                       api_key=args.api_key)
+                backend = backend or make_backend(args.backend, args.model, batch_size=args.batch_size,
+                                                  tensor_parallel_size=args.tensor_parallel_size,
+                                                  base_url=args.base_url, api_key=args.api_key)
             except BackendError as e:
                 raise UserError(str(e)) from None
             for task in tasks:
@@ -333,7 +379,7 @@ def main(args) -> int:
         "prompt": prompt_text, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
         "wall_time_s": time.time() - started, "generation_time_s": gen_seconds, "generated_tokens": gen_tokens,
         "generated_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else 0.0,
-        "resumed_samples": n_done, "command": " ".join(sys.argv),
+        "resumed_samples": n_done, "command": " ".join(redact_argv(sys.argv)), **identity,
     }
     report.write_summary(out_dir, summary)
     plot = report.write_plot(out_dir, summary)

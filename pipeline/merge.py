@@ -62,7 +62,9 @@ def add_arguments(parser) -> None:
                         help="skip running the adapter and merged models to compare their logits")
     parser.add_argument("--verify-device", default="auto", help="device for verification: auto, cpu, cuda")
     parser.add_argument("--max-shard-size", default="4GB", help="max size of one output shard (e.g. 4GB, 500MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous merge output (a dir with merge_report.json); never a run, a base "
+                             "model or the adapter")
 
 
 def parse_size(text: str) -> int:
@@ -120,16 +122,6 @@ def base_dtype_name(base_dir: Path | None) -> str | None:
     return name if name in DTYPES else None
 
 
-def check_out_dir(out: Path, overwrite: bool, adapter_dir: Path) -> None:
-    if out.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} is inside the adapter dir {adapter_dir}; choose another output dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output dir {out} exists and is not empty; pass --overwrite to replace it, or choose "
-                        "another --out")
-
-
 def copy_tokenizer(adapter_dir: Path, base_spec: str, base_dir: Path | None, out: Path) -> str:
     from pipeline.merging.adapter import TOKENIZER_FILES, has_tokenizer
 
@@ -167,6 +159,7 @@ def main(args) -> int:
 
     import pipeline.edora  # noqa: F401 - registers EDoRA with PEFT (verification loads the adapter through PEFT)
     from pipeline.merging.adapter import read_adapter
+    from pipeline.merging.checks import check_base_fingerprint, check_out_dir, clean_stale_partials
 
     t_start = time.perf_counter()
     adapter = read_adapter(args.adapter)
@@ -181,9 +174,12 @@ def main(args) -> int:
         if adapter.peft_type != "EDORA":
             raise UserError("--into dequantized is supported for EDoRA adapters only")
     out = Path(args.out) if args.out else adapter.dir.parent / "merged"
-    check_out_dir(out, args.overwrite, adapter.dir)
+    check_out_dir(out, args.overwrite, {"adapter": adapter.dir})
     max_shard = parse_size(args.max_shard_size)
     load_spec, base_dir = resolve_base(base_spec)
+    check_out_dir(out, args.overwrite, {"adapter": adapter.dir, "base model": Path(load_spec)})
+    clean_stale_partials(out)
+    base_check = check_base_fingerprint(adapter, base_dir)
     dtype_name = args.dtype or base_dtype_name(base_dir) or "bfloat16"
     dtype = getattr(torch, dtype_name)
     if base_dir is not None and "quantization_config" in json.loads((base_dir / "config.json").read_text()):
@@ -206,6 +202,8 @@ def main(args) -> int:
     tmp.mkdir()
     try:
         report = _merge_into(tmp, adapter, base_spec, load_spec, base_dir, dtype_name, dtype, args, max_shard)
+        _check_result(tmp, adapter, base_dir, report, args)
+        report["base_fingerprint"] = base_check
         report["timing_s"]["merge"] = time.perf_counter() - t_start
         report["peak_rss_gib"]["merge"] = peak_rss_gib()
         failed = None
@@ -246,6 +244,23 @@ def main(args) -> int:
                     100 * g["argmax_agreement"])
     print(out)
     return 0
+
+
+def _check_result(tmp: Path, adapter, base_dir, report: dict, args) -> None:
+    """Checks that read the saved files, not the adapter as PEFT loaded it (pipeline/merging/checks.py)."""
+    from pipeline.merging.checks import adapter_is_trained, check_formula
+
+    stats = report["stats"]
+    if stats["weights_changed"] == 0 and adapter_is_trained(adapter):
+        raise UserError(f"the merge changed no weight of the base, yet the adapter in {adapter.dir} is trained: "
+                        "a no-op merge (the adapter was not applied). Check adapter_config.json against the "
+                        "tensors; nothing was written")
+    if report["method"] == "streamed":
+        from pipeline.merging.st_io import BaseCheckpoint
+
+        report["formula_max_rel_diff"] = check_formula(tmp, BaseCheckpoint(base_dir), adapter, report["into"])
+    else:  # checked while merging in memory (checks.formula_residual); None for PEFT's own LoRA merge
+        report["formula_max_rel_diff"] = stats.get("formula_max_rel_diff")
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -304,7 +305,7 @@ def _type_name(tp) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"a list of {_type_name(args[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(tp, value):
@@ -336,12 +337,12 @@ def _coerce(tp, value):
         return isinstance(value, bool), value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
+    if tp is float:  # finite only: inf/nan pass every range check and train a NaN adapter
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, value
+            return math.isfinite(value), value
         if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
             try:
-                return True, float(value)
+                return math.isfinite(float(value)), float(value)
             except ValueError:
                 return False, None
         return False, None
@@ -469,11 +470,17 @@ def resolve_path(spec: str) -> Path:
     """A local path from a recipe: pkg://module/file inside an installed package, else relative to the cwd."""
     if spec.startswith("pkg://"):
         module, _, rest = spec[len("pkg://"):].partition("/")
-        found = importlib.util.find_spec(module) if module else None  # locates without importing
+        # find_spec of a dotted name imports its parents: look up the top-level package only (imports nothing)
+        # and walk to the subpackage as folders.
+        top, *subs = module.split(".")
+        found = importlib.util.find_spec(top) if top else None
         if found is None or not found.submodule_search_locations:
-            hint = PKG_HINTS.get(module, f"install the package that provides the module {module!r}")
-            raise FileNotFoundError(f"{spec}: package {module!r} is not installed ({hint})")
-        return Path(list(found.submodule_search_locations)[0]) / rest
+            hint = PKG_HINTS.get(top, f"install the package that provides the module {top!r}")
+            raise FileNotFoundError(f"{spec}: package {top!r} is not installed ({hint})")
+        root = Path(list(found.submodule_search_locations)[0]).joinpath(*subs)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{spec}: package {top!r} has no subpackage {module!r} (no folder {root})")
+        return root / rest
     return Path(spec).expanduser().resolve()
 
 
@@ -699,11 +706,15 @@ def load_recipe(path, overrides=()) -> Recipe:
     """Read, override and check a recipe YAML file; raises RecipeError listing every problem."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"recipe {path} not found (paths are relative to {Path.cwd()})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"recipe {path} is a directory; pass the YAML file") from None
     return recipe_from_dict(data, str(path), overrides)
 
 

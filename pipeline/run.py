@@ -30,13 +30,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="cap new tokens per answer (smoke runs)")
     parser.add_argument("--merge-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--new-run", action="store_true",
+                        help="when runs/<name>/ was trained with a recipe that differs in what it trains, train a "
+                             "new run <name>-<recipe hash> instead of refusing")
 
 
 def main(args) -> int:
     from pipeline.recipe import load_recipe
+    from pipeline.runstate import check_recipe
     from pipeline.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = check_recipe(load_recipe(args.recipe, args.overrides), new_run=args.new_run)  # never reuse silently
     run_dir = Path(recipe.run_dir)
     adapter = run_dir / "adapter"
     full = recipe.adapter.method == "full"  # the trained model is merged/ itself: nothing to merge

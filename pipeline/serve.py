@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import UserError
+from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --model)")
     parser.add_argument("--api-key", default=None, help="require this key from clients")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow serving on a non-loopback --host without --api-key (anyone who can reach the "
+                             "port can use the model)")
     parser.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to any interface
+
+
+def check_exposure(args) -> None:
+    """An open server on a reachable interface must be asked for explicitly."""
+    if is_loopback(args.host) or args.api_key:
+        return
+    if not args.insecure:
+        raise UserError(f"--host {args.host} serves beyond this machine, and without --api-key anyone who reaches port "
+                        f"{args.port} can use the model. Pass --api-key KEY (clients send it as a Bearer token), or "
+                        "--insecure to serve openly, or keep the default --host 127.0.0.1")
+    logger.warning("serving on %s:%d without an API key (--insecure)", args.host, args.port)
 
 
 def vllm_command(args) -> list[str]:
@@ -76,6 +102,7 @@ def check_server_imports() -> None:
 
 def main(args) -> int:
     check_model(args.model)
+    check_exposure(args)
     if args.tensor_parallel_size < 1:
         raise UserError("--tensor-parallel-size must be >= 1")
     cmd = vllm_command(args)
@@ -93,7 +120,7 @@ def main(args) -> int:
                         "(pip install -r deploy/requirements-vllm.txt; see deploy/README.md), or use --dry-run to "
                         "print the command")
     check_server_imports()
-    logger.info("starting: %s", shlex.join(cmd))
+    logger.info("starting: %s", shlex.join(redact_argv(cmd)))
     sys.stdout.flush()
     os.execv(exe, cmd)
     return 0  # not reached

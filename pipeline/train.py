@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/mistral-7b/edora-metamathqa.yaml")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in runs/<name>/ (same recipe and overrides)")
+    parser.add_argument("--new-run", action="store_true",
+                        help="when runs/<name>/ was trained with a recipe that differs in what it trains, start a "
+                             "new run <name>-<recipe hash> instead of refusing")
     parser.epilog = "Any recipe key can be overridden: --training.learning_rate=1e-4 --adapter.r=32"
 
 
@@ -34,7 +38,7 @@ def main(args) -> int:
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, new_run=args.new_run)
     return 0
 
 
@@ -42,8 +46,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def checkpoint_complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without it (a kill during the save) is incomplete."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(ckpt.glob("adapter_model.*")) or any(ckpt.glob("model*.safetensors"))
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N; incomplete ones are renamed incomplete-checkpoint-N (kept, never used)."""
     ckpts = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for p in [p for p in ckpts if not checkpoint_complete(p)]:
+        aside = p.with_name("incomplete-" + p.name)
+        if is_main_process() and not aside.exists():
+            p.rename(aside)
+            logger.warning("%s is incomplete (no trainer_state.json or weights: a save was interrupted); moved it "
+                           "to %s and skipped it", p, aside.name)
+        ckpts.remove(p)
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
 
 
@@ -58,8 +79,38 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
-def train(recipe, resume: bool = False):
-    """Run one recipe; the adapter lands in runs/<name>/adapter. Returns the trainer (for scripts and tests)."""
+def train(recipe, resume: bool = False, new_run: bool = False):
+    """Run one recipe; the adapter lands in runs/<name>/adapter. Returns the trainer (for scripts and tests).
+
+    Holds the run dir's lock, and checks the recipe against the stored one before anything is written."""
+    from pipeline.runstate import check_recipe, run_lock
+
+    check_launcher(recipe)
+    with run_lock(Path(recipe.run_dir)):
+        recipe = check_recipe(recipe, new_run=new_run)
+        with run_lock(Path(recipe.run_dir)):  # a new run's own dir (a no-op when the name is unchanged)
+            return _train(recipe, resume)
+
+
+def check_launcher(recipe) -> None:
+    """A ZeRO-3 recipe run as a plain process would train without DeepSpeed: refuse, with the command to use."""
+    import yaml
+
+    acc = recipe.launcher.accelerate_config
+    if not acc or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return
+    settings = yaml.safe_load(Path(acc).read_text()) or {}
+    if settings.get("distributed_type") == "DEEPSPEED":
+        n = recipe.launcher.num_processes
+        command = sys.argv[1] if sys.argv[1:2] in (["train"], ["run"]) else "train"
+        rest = " ".join(sys.argv[2:]) if sys.argv[1:2] == [command] else "RECIPE.yaml"
+        raise UserError(f"the recipe's launcher.accelerate_config ({acc}) uses DeepSpeed, but this process was not "
+                        f"started by accelerate (it would train without DeepSpeed). Run: accelerate launch "
+                        f"--config_file {acc} --num_processes {n} -m pipeline {command} {rest}; or "
+                        "set --launcher.accelerate_config=null to train without it")
+
+
+def _train(recipe, resume: bool):
     import torch
     from transformers import set_seed
     from trl import SFTConfig
@@ -109,8 +160,7 @@ def train(recipe, resume: bool = False):
         raise UserError(f"data.format messages needs a chat template, and the tokenizer of {recipe.model.name_or_path} "
                         "has none; use a chat model, or data.format alpaca / metamathqa")
     stats["truncation"] = truncation_report(train_ds, tokenizer, recipe.data.max_length)
-    logger.info("data: %d training rows (%d malformed dropped), %d truncated at max_length=%d",
-                len(train_ds), stats["train"]["malformed"], stats["truncation"]["truncated"], recipe.data.max_length)
+    logger.info(data_summary(stats, recipe.data.max_length))
     if is_main_process():
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
 
@@ -150,6 +200,16 @@ def train(recipe, resume: bool = False):
         record_prompt_format(adapter_dir, prompt_format)
         trackers.record(run_dir, trainer)
     return trainer
+
+
+def data_summary(stats: dict, max_length: int) -> str:
+    """One log line saying how many rows train and why the others do not, or only in part."""
+    tr, tc = stats["train"], stats["truncation"]
+    used = tr["kept"] - tc["prompt_too_long"] - tr.get("held_out_for_eval", 0)
+    return (f"data: {used} of {tr['rows']} rows train; dropped: {tr['malformed']} malformed (see data_stats.json), "
+            f"{tc['prompt_too_long']} whose prompt alone fills max_length={max_length} (no solution token left; "
+            f"TRL drops them); truncated: {tc['truncated'] - tc['prompt_too_long']} cut at max_length (solution "
+            "shortened)" + (f"; {tr['held_out_for_eval']} held out for eval" if tr.get("held_out_for_eval") else ""))
 
 
 def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
@@ -219,6 +279,7 @@ def log_trainable(model) -> None:
 
 def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
     from pipeline.edora.loader import add_card_note
+    from pipeline.merging.checks import training_fingerprint
 
     tokenizer.save_pretrained(adapter_dir)
     m = recipe.model
@@ -235,6 +296,9 @@ def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> 
         "method": recipe.adapter.method,
         "recipe": recipe.name,
         "global_step": trainer.state.global_step,
+        # checked by the merge: the base weights this adapter adapts (null when the base is not a local or cached
+        # safetensors checkpoint, e.g. a .gguf file)
+        "base_fingerprint": training_fingerprint(m.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
     }
     (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     if recipe.adapter.method in ("edora", "loraxs"):

@@ -331,6 +331,7 @@ def test_a_wrong_compute_dtype_guess_costs_one_per_layer_step(count_ops, monkeyp
         torch.testing.assert_close(pf[k], ps[k], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # ~2 min of compilation on 2 cores
 def test_torch_compile_runs_the_batched_terms_and_trains_like_eager(monkeypatch):
     """Under torch.compile the hook runs eagerly (outside the graph): the batched terms are computed every step and
     enter the one compiled graph as inputs (no recompile per step), and training equals the eager per-layer path."""

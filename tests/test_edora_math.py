@@ -270,3 +270,25 @@ def test_merge_unmerge_and_merge_and_unload(dtype, tol):
     assert all(type(m) is nn.Linear for n, m in plain.named_modules() if n.endswith("proj"))
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits.float(), adapter_logits, rtol=tol, atol=tol)
+
+
+def test_terms_merge_and_its_inverse_against_the_dense_formula():
+    """pipeline/edora/terms.py: W' = (m / ||W0 + sBRA||_row) ⊙ (W0 + sBRA) written out here in float64, its inverse
+    gives W0 back, and the fingerprint is the median relative row-norm difference."""
+    from pipeline.edora import terms
+
+    g = torch.Generator().manual_seed(3)
+    w0, a, b = (torch.randn(12, 20, generator=g), torch.randn(4, 20, generator=g), torch.randn(12, 4, generator=g))
+    r, m, s = torch.randn(4, 4, generator=g) * 0.1, torch.rand(12, generator=g) + 0.5, 0.7
+    dense = w0.double() + s * b.double() @ r.double() @ a.double()
+    expect = dense * (m.double() / dense.norm(dim=1))[:, None]
+    w, n = terms.merged_weight(w0, a, b, r, m, s)
+    assert torch.allclose(w.double(), expect, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(terms.base_from_merged(w, a, b, r, m, n, s), w0, rtol=1e-4, atol=1e-5)
+    w_xs, ones = terms.merged_weight(w0, a, b, r, None, s)  # LoRA-XS: no magnitude, no normalisation
+    assert torch.allclose(w_xs.double(), dense, rtol=1e-5, atol=1e-6) and torch.equal(ones, torch.ones(12))
+    assert torch.allclose(terms.gram(a), a @ a.T) and torch.allclose(terms.projection(w0, a), w0 @ a.T)
+    scaled = w0.clone()
+    scaled[:7] *= 1.1  # 7 of 12 rows 10% larger: the median row moved by 10%
+    dev = terms.fingerprint_deviation(terms.row_norm2(w0), terms.row_norm2(scaled))
+    assert abs(dev - 0.1) < 1e-5 and terms.fingerprint_deviation(terms.row_norm2(w0), terms.row_norm2(w0)) == 0

@@ -272,9 +272,14 @@ def test_non_empty_out_is_refused_unless_overwrite(run_dir, tmp_path, capsys):
     rc, err = refused(capsys, "--adapter", adapter, "--out", tmp_path / "m", "--no-verify")
     assert rc == 2 and "not empty" in err and "--overwrite" in err
     assert (tmp_path / "m" / "old.txt").exists()
-    assert merge("--adapter", adapter, "--out", tmp_path / "m", "--no-verify", "--overwrite") == 0
-    assert not (tmp_path / "m" / "old.txt").exists() and (tmp_path / "m" / "merge_report.json").exists()
-    assert leftovers(tmp_path, "m") == []
+    # --overwrite replaces only a previous merge output (a dir with merge_report.json)
+    rc, err = refused(capsys, "--adapter", adapter, "--out", tmp_path / "m", "--no-verify", "--overwrite")
+    assert rc == 2 and "not a previous merge output" in err and (tmp_path / "m" / "old.txt").exists()
+    assert merge("--adapter", adapter, "--out", tmp_path / "m2", "--no-verify") == 0
+    (tmp_path / "m2" / "old.txt").write_text("from the previous merge")
+    assert merge("--adapter", adapter, "--out", tmp_path / "m2", "--no-verify", "--overwrite") == 0
+    assert not (tmp_path / "m2" / "old.txt").exists() and (tmp_path / "m2" / "merge_report.json").exists()
+    assert leftovers(tmp_path, "m2") == []
 
 
 def test_fp16_overflow_is_refused(tmp_path, capsys):

@@ -253,6 +253,7 @@ def test_batch_and_accumulation_split_gives_the_same_update(tiny_setup, tmp_path
     assert moved > 1e-4  # the step did move the adapter
 
 
+@pytest.mark.slow
 def test_magnitude_lr_ratio_scales_only_the_magnitude_step(tiny_setup, tmp_path):
     """adapter.magnitude_lr_ratio: with SGD (update = -lr x grad) one step moves m exactly `ratio` times as far as
     with the plain recipe, and R exactly as far."""
@@ -295,6 +296,7 @@ def test_magnitude_lr_ratio_is_checked(tiny_setup, tmp_path):
 FULL = {"method": "full", "init_sigma": None, "svd_method": None, "svd_niter": None, "svd_target": None}
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_every_weight_into_a_plain_checkpoint(tiny_setup, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -29,6 +29,7 @@ from peft.utils import resolve_quantization_backend
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from . import terms
 from .config import EdoraConfig
 from .ops import EdoraApply, EdoraLinearAdapter, MagnitudeLowRank, factored_row_norm, no_autocast
 from .svd import truncated_svd
@@ -49,19 +50,6 @@ def _unpack_bnb_cpu_weight(base: nn.Module) -> None:
         warnings.warn("this 4-bit layer was repacked by bitsandbytes' CPU kernel before EDoRA wrapped it; its "
                       "dequantized weight is approximate. Add the adapter before running the model on CPU.", stacklevel=2)
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
-
-
-@torch.no_grad()
-def merged_weight_from_factors(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor,
-                               m: Optional[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', n) in fp32: W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1)."""
-    w0 = w0.to(torch.float32)
-    dev = w0.device
-    w = w0 + s * ((b.to(dev, torch.float32) @ r.to(dev, torch.float32)) @ a.to(dev, torch.float32))
-    if m is None:
-        return w, torch.ones(w.shape[0], device=dev)
-    n = w.norm(dim=1)
-    return w * (m.to(dev, torch.float32) / n)[:, None], n
 
 
 class EdoraLayer(BaseTunerLayer):
@@ -156,7 +144,7 @@ class EdoraLayer(BaseTunerLayer):
             raise ValueError(f"the base weight of this layer [{self.out_features}, {self.in_features}] has NaN/Inf "
                              "values; EDoRA cannot factorise it (check the checkpoint or its dtype)")
         r = config.r
-        w2 = (w0 * w0).sum(dim=1)
+        w2 = terms.row_norm2(w0)
         gen = torch.Generator(device="cpu").manual_seed(layer_seed)
         r_init = torch.randn(r, r, generator=gen) * config.init_sigma
         if not svd_here:
@@ -173,7 +161,7 @@ class EdoraLayer(BaseTunerLayer):
             raise ValueError("the SVD of this layer's weight returned NaN/Inf; try svd_method='exact'")
         b = u                      # [out, r]
         a = s[:, None] * vh        # [r, in]: Σ folded into A (LoRA-XS convention, the authors' code)
-        p = w0 @ a.T
+        p = terms.projection(w0, a)
         self._set_tensors(adapter_name, w0.device, dtype, a=a, b=b, w2=w2, p=p, r_init=r_init, m=w2.sqrt())
 
     def _set_tensors(self, name, device, dtype, *, a, b, w2, p, r_init, m) -> None:
@@ -185,8 +173,7 @@ class EdoraLayer(BaseTunerLayer):
         # clamped above 0 so m / n stays finite for an all-zero weight row
         self.edora_row_norm2[name] = w2.to(device=device, dtype=torch.float32).clamp_min(_TINY)
         self.edora_P[name] = p.to(device=device, dtype=torch.float32)
-        a32 = a.to(device=device, dtype=torch.float32)
-        self.edora_G[name] = a32 @ a32.T
+        self.edora_G[name] = terms.gram(a.to(device))
         self.edora_R[name] = nn.Parameter(put(r_init))
         if self.use_magnitude[name]:
             self.edora_magnitude[name] = nn.Parameter(put(m))
@@ -200,8 +187,7 @@ class EdoraLayer(BaseTunerLayer):
             t = store[name].contiguous()
             dist.broadcast(t, src=src)
             store[name] = t
-        a32 = self.edora_A[name].float()
-        self.edora_G[name] = a32 @ a32.T
+        self.edora_G[name] = terms.gram(self.edora_A[name])
 
     # ---- loading: recompute derived terms and check the base ----------------------------------------------------
 
@@ -219,10 +205,9 @@ class EdoraLayer(BaseTunerLayer):
             return
         names, self._refresh_on_load = sorted(self._refresh_on_load), set()
         w0 = self._base_weight_fp32()
-        w2_base = (w0 * w0).sum(dim=1)
+        w2_base = terms.row_norm2(w0)
         for name in names:
-            saved = self.edora_row_norm2[name].to(w2_base.device, torch.float32)
-            rel = ((w2_base.sqrt() - saved.sqrt()).abs() / saved.sqrt().clamp_min(1e-12)).median().item()
+            rel = terms.fingerprint_deviation(self.edora_row_norm2[name], w2_base)
             if not rel <= self.fingerprint_rtol[name]:
                 raise ValueError(
                     f"EDoRA adapter '{name}' was made on a different base model: the row norms of this "
@@ -230,11 +215,10 @@ class EdoraLayer(BaseTunerLayer):
                     f"(median, tolerance {self.fingerprint_rtol[name]:.2%}). Load the base model the adapter was "
                     "trained on (see base_model_name_or_path in adapter_config.json)."
                 )
-            a32 = self.edora_A[name].to(w0.device, torch.float32)
             dev = self.edora_A[name].device
             self.edora_row_norm2[name] = w2_base.to(dev).clamp_min(_TINY)
-            self.edora_P[name] = (w0 @ a32.T).to(dev)
-            self.edora_G[name] = (a32 @ a32.T).to(dev)
+            self.edora_P[name] = terms.projection(w0, self.edora_A[name]).to(dev)
+            self.edora_G[name] = terms.gram(self.edora_A[name])
 
     # ---- math -----------------------------------------------------------------------------------------------------
 
@@ -244,8 +228,8 @@ class EdoraLayer(BaseTunerLayer):
         from `w0` (default: this layer's base weight, dequantized), as the merge formula says."""
         w0 = self._base_weight_fp32() if w0 is None else w0
         m = self.edora_magnitude[name] if self.use_magnitude[name] else None
-        return merged_weight_from_factors(w0, self.edora_A[name], self.edora_B[name], self.edora_R[name], m,
-                                          self.scaling[name])
+        return terms.merged_weight(w0, self.edora_A[name], self.edora_B[name], self.edora_R[name], m,
+                                   self.scaling[name])
 
     def _a_in(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         a = self.edora_A[name]
@@ -258,12 +242,17 @@ class EdoraLayer(BaseTunerLayer):
             self._a_cache[(name, dtype)] = hit
         return hit[1]
 
+    def fusable(self, name: str) -> bool:
+        """The fused paths (the per-layer EdoraLinearAdapter and the training fast path of step_terms.py) need a
+        magnitude, no bias and no active dropout on the adapter path."""
+        return (self.use_magnitude[name] and getattr(self.get_base_layer(), "bias", None) is None
+                and (isinstance(self.edora_dropout[name], nn.Identity) or not self.training))
+
     def _edora_output(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
         cdt = base_out.dtype
         self._edora_cdt = cdt
         dropout = self.edora_dropout[name]
-        if (self.use_magnitude[name] and self.get_base_layer().bias is None
-                and (isinstance(dropout, nn.Identity) or not self.training)):
+        if self.fusable(name):
             # the hot path (Llama/Mistral projections have no bias): one fused autograd node
             shape = base_out.shape
             y = EdoraLinearAdapter.apply(x.reshape(-1, x.shape[-1]).to(cdt), base_out.reshape(-1, shape[-1]),
@@ -347,13 +336,9 @@ class Linear(nn.Module, EdoraLayer):
             if name not in self.edora_R:
                 continue
             n = self._merge_norms.pop(name)
-            w = self._base_weight_fp32()
-            dev = w.device
-            if self.use_magnitude[name]:
-                w = w * (n.to(dev) / self.edora_magnitude[name].detach().to(dev, torch.float32))[:, None]
-            b = self.edora_B[name].to(dev, torch.float32)
-            w = w - self.scaling[name] * ((b @ self.edora_R[name].detach().to(dev, torch.float32))
-                                          @ self.edora_A[name].to(dev, torch.float32))
+            m = self.edora_magnitude[name].detach() if self.use_magnitude[name] else None
+            w = terms.base_from_merged(self._base_weight_fp32(), self.edora_A[name], self.edora_B[name],
+                                       self.edora_R[name].detach(), m, n, self.scaling[name])
             if self.quantization_backend is not None:
                 self.set_base_weight(w)
             else:

@@ -55,9 +55,8 @@ class LayerStep(NamedTuple):
 
 
 def _eligible(layer, name: str) -> bool:
-    base = layer.get_base_layer()
-    return (name in layer.edora_R and layer.use_magnitude[name] and getattr(base, "bias", None) is None
-            and isinstance(layer.edora_dropout[name], nn.Identity)
+    # the hook runs in training mode, where fusable() also rules out any adapter dropout
+    return (name in layer.edora_R and layer.fusable(name)
             and layer.edora_R[name].dtype == torch.float32 and layer.edora_magnitude[name].dtype == torch.float32
             and all(getattr(layer, attr)[name].dtype == torch.float32 for attr in _STACKED)
             and not hasattr(layer.edora_R[name], "ds_id"))

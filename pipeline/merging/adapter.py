@@ -105,21 +105,28 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise UserError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors: the adapter "
                         "weights are missing (was training interrupted before saving?)")
     adapter = Adapter(dir=adapter_dir, config=cfg, tensor_file=tensor_file, quant=read_quant_info(adapter_dir))
-    if adapter.peft_type == "EDORA":
-        _index_edora_keys(adapter)
-    elif adapter.peft_type != "LORA":
+    if adapter.peft_type not in ("EDORA", "LORA"):
         raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
                         "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
+    from .checks import check_tensor_types
+
+    check_tensor_types(adapter.peft_type, _tensor_keys(tensor_file), tensor_file)
+    if adapter.peft_type == "EDORA":
+        _index_edora_keys(adapter)
     return adapter
 
 
 def _tensor_keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    return list(_bin_state(path))
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(_bin_state(path))
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise many types for a damaged file
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}): the file is truncated or "
+                        "damaged. Restore it, or use the adapter of a checkpoint-N dir of the same run") from None
 
 
 def _index_edora_keys(adapter: Adapter) -> None:
@@ -169,7 +176,8 @@ def read_quant_info(adapter_dir: Path) -> QuantInfo | None:
             if path.is_file():
                 import yaml
 
-                model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+                data = yaml.safe_load(path.read_text())
+                model = (data.get("model") if isinstance(data, dict) else None) or {}
                 if not model.get("load_in_4bit", False):
                     return None
                 return QuantInfo(quant_type=model.get("bnb_4bit_quant_type", "nf4"),

@@ -54,6 +54,13 @@ class BaseCheckpoint:
         with safe_open(str(self.files[key]), framework="pt") as f:
             return f.get_tensor(key)
 
+    def head(self, key: str, rows: int) -> torch.Tensor:
+        """The first `rows` rows of a tensor, read without the rest."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_slice(key)[:rows]
+
 
 def _header(path: Path) -> dict:
     with open(path, "rb") as f:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from pipeline.cli import UserError
 
 from .adapter import Adapter
+from .checks import check_factors, factor_tolerance, formula_residual
 from .quant import dequantized_4bit
 from .st_io import BaseCheckpoint, Entry, ShardWriter, plan_shards, shard_names, write_index
 
@@ -32,11 +33,17 @@ class MergeStats:
     fingerprint_max_rel: float = 0.0     # worst (over modules) median relative row-norm difference
     abs_max: float = 0.0                 # largest |value| written, over all floating tensors
     quant_rel_change: list = field(default_factory=list)  # per module: ||W0_deq - W0|| / ||W0|| (into dequantized)
+    factor_max_rel: float = 0.0          # worst ||A - Bᵀ W0|| / ||A|| (checks.factor_residual)
+    factor_tol: dict = field(default_factory=dict)  # checks.factor_tolerance
+    changed: int = 0                     # adapted weights whose written values differ from the base's
+    formula_max_rel: float | None = None  # in-memory merges: checks.formula_residual, worst over modules
 
     def to_json(self) -> dict:
         q = self.quant_rel_change
         return {"modules_merged": self.modules, "tensors_written": self.tensors,
-                "fingerprint_max_median_rel_diff": self.fingerprint_max_rel, "abs_max": self.abs_max,
+                "fingerprint_max_median_rel_diff": self.fingerprint_max_rel,
+                "svd_factor_max_rel_residual": self.factor_max_rel, "svd_factor_tolerance": self.factor_tol,
+                "weights_changed": self.changed, "formula_max_rel_diff": self.formula_max_rel, "abs_max": self.abs_max,
                 "dequantized_vs_full_weight_rel_diff_mean": (sum(q) / len(q)) if q else None}
 
 
@@ -55,7 +62,7 @@ def check_shapes(module: str, shape: tuple, adapter: Adapter, part_shapes: dict)
 
 def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, stats: MergeStats) -> torch.Tensor:
     """The merged weight (fp32) of one adapted module, after checking the base is the one the adapter was made on."""
-    from pipeline.edora.layer import merged_weight_from_factors
+    from pipeline.edora import terms
 
     w0 = w0.to(torch.float32)
     if into == "dequantized":
@@ -64,8 +71,7 @@ def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, sta
         stats.quant_rel_change.append(((w0 - w_full).norm() / w_full.norm().clamp_min(1e-30)).item())
         del w_full
     f = adapter.factors(module)
-    saved = f["edora_row_norm2"].sqrt()
-    rel = ((w0.norm(dim=1) - saved).abs() / saved.clamp_min(1e-12)).median().item()
+    rel = terms.fingerprint_deviation(f["edora_row_norm2"], terms.row_norm2(w0))
     rtol = float(adapter.config.get("fingerprint_rtol", 0.05))
     if not rel <= rtol:
         raise UserError(f"the adapter was made on a different base model: the row norms of {module}.weight differ "
@@ -73,8 +79,12 @@ def merge_weight(module: str, w0: torch.Tensor, adapter: Adapter, into: str, sta
                         "fingerprint_rtol in adapter_config.json). Pass the base it was trained on with --base "
                         f"(adapter_config.json says {adapter.config.get('base_model_name_or_path')!r}).")
     stats.fingerprint_max_rel = max(stats.fingerprint_max_rel, rel)
+    # the factors must be the SVD of the weight training saw (the dequantized one for a 4-bit-trained adapter)
+    w_seen = w0 if into == "dequantized" or adapter.quant is None else dequantized_4bit(w0, adapter.quant)
+    stats.factor_max_rel = max(stats.factor_max_rel, check_factors(module, w_seen, f, adapter, stats.factor_tol))
+    del w_seen
     m = f["edora_magnitude"] if adapter.use_magnitude else None
-    w, _ = merged_weight_from_factors(w0, f["edora_A"], f["edora_B"], f["edora_R"], m, adapter.scaling)
+    w, _ = terms.merged_weight(w0, f["edora_A"], f["edora_B"], f["edora_R"], m, adapter.scaling)
     if not torch.isfinite(w).all():
         raise UserError(f"merging gives NaN/Inf in {module}.weight: the adapter (or the base) is broken")
     stats.modules += 1
@@ -94,7 +104,7 @@ def cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype, stats: MergeSta
 
 def stream_merge(base: BaseCheckpoint, adapter: Adapter, out_dir: Path, dtype: torch.dtype, into: str,
                  max_shard_bytes: int) -> tuple[MergeStats, list[str]]:
-    stats = MergeStats()
+    stats = MergeStats(factor_tol=factor_tolerance(adapter))
     adapted = {f"{m}.weight": m for m in adapter.modules}
     missing = sorted(k for k in list(adapted) + list(adapter.replaced) if k not in base.meta)
     if missing:
@@ -109,7 +119,7 @@ def stream_merge(base: BaseCheckpoint, adapter: Adapter, out_dir: Path, dtype: t
                             f"is {base.meta[key][1]}: the adapter was made for another model")
     # Check the fingerprint on one layer before writing anything (every layer is checked again as it is merged).
     first = next(iter(adapted))
-    merge_weight(adapted[first], base.get(first), adapter, into, MergeStats())
+    merge_weight(adapted[first], base.get(first), adapter, into, MergeStats(factor_tol=stats.factor_tol))
 
     entries = []
     for key in base.keys():
@@ -122,11 +132,15 @@ def stream_merge(base: BaseCheckpoint, adapter: Adapter, out_dir: Path, dtype: t
         writer = ShardWriter(out_dir / fname, shard)
         for e in shard:
             t = base.get(e.name)
+            w0 = t if e.name in adapted else None
             if e.name in adapted:
                 t = merge_weight(adapted[e.name], t, adapter, into, stats)
             elif e.name in adapter.replaced:
                 t = adapter.load(adapter.replaced[e.name])
-            writer.write(e.name, cast_checked(e.name, t, e.dtype, stats))
+            t = cast_checked(e.name, t, e.dtype, stats)
+            if w0 is not None:
+                stats.changed += int(not torch.equal(t, w0.to(e.dtype)))
+            writer.write(e.name, t)
             stats.tensors += 1
             del t
             bar.update(1)
@@ -154,7 +168,7 @@ def adapter_shapes(adapter: Adapter) -> dict:
 
 def memory_merge(model, adapter: Adapter, dtype: torch.dtype, into: str) -> MergeStats:
     """Merge into a loaded (fp32) transformers model in place: for bases only transformers can read (GGUF, .bin)."""
-    stats = MergeStats()
+    stats = MergeStats(factor_tol=factor_tolerance(adapter), formula_max_rel=0.0)
     params = dict(model.named_parameters())
     part_shapes = adapter_shapes(adapter)
     for module in adapter.modules:
@@ -164,7 +178,13 @@ def memory_merge(model, adapter: Adapter, dtype: torch.dtype, into: str) -> Merg
         check_shapes(module, tuple(params[f"{module}.weight"].shape), adapter, part_shapes[module])
     for module in tqdm(adapter.modules, desc="merging", unit="module"):
         p = params[f"{module}.weight"]
-        p.data = merge_weight(module, p.data, adapter, into, stats)
+        w0 = p.data
+        merged = merge_weight(module, w0, adapter, into, stats)
+        stats.changed += int(not torch.equal(merged.to(dtype), w0.to(dtype)))
+        # the float64 formula from the saved files, on the weight as it will be written
+        stats.formula_max_rel = max(stats.formula_max_rel, formula_residual(f"{module}.weight", w0, merged.to(dtype),
+                                                                            adapter, module, into))
+        p.data = merged
     for key, akey in adapter.replaced.items():
         params[key].data = adapter.load(akey)
     for name, p in model.named_parameters():
@@ -176,11 +196,21 @@ def memory_merge(model, adapter: Adapter, dtype: torch.dtype, into: str) -> Merg
 def peft_merge(model, adapter: Adapter, dtype: torch.dtype) -> tuple:
     """A plain PEFT LoRA/DoRA adapter: PEFT's own merge_and_unload (loads the whole model)."""
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
-    merged = PeftModel.from_pretrained(model, str(adapter.dir)).merge_and_unload()
+    from .adapter import _tensor_keys
+
+    before = {n: p.detach().to(dtype).sum(dtype=torch.float64).item() for n, p in model.named_parameters()}
+    peft_model = PeftModel.from_pretrained(model, str(adapter.dir))
+    unused = sorted(set(_tensor_keys(adapter.tensor_file)) - set(get_peft_model_state_dict(peft_model)))
+    if unused:
+        raise UserError(f"PEFT did not use {len(unused)} tensor(s) of {adapter.tensor_file}, e.g. {unused[:2]}: the "
+                        "adapter does not fit this base or its adapter_config.json. Nothing was written")
+    merged = peft_model.merge_and_unload()
     stats = MergeStats()
     for name, p in merged.named_parameters():
         p.data = cast_checked(name, p.data, dtype, stats)
         stats.tensors += 1
+        stats.changed += int(name in before and p.data.sum(dtype=torch.float64).item() != before[name])
     stats.modules = -1  # not counted by PEFT
     return merged, stats
