@@ -14,8 +14,9 @@ HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "deepspeed", "vllm"
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_imports_no_heavy_library(command):
-    code = ("import sys\nfrom pipeline.cli import main\ntry:\n    main([%r, '--help'])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code\nprint('LOADED', sorted(m for m in %r if m in sys.modules))") % (command, HEAVY)
+    code = (f"import sys\nfrom pipeline.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+            f"except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: python -m pipeline" in proc.stdout
