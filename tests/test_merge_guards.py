@@ -112,7 +112,7 @@ def test_truncated_adapter_file_is_one_line(made, tmp_path, capsys):
 def test_written_weights_are_checked_against_the_formula(made, tmp_path, capsys, monkeypatch, path):
     """A merge bug (here: the magnitude left out) is caught from the files even with --no-verify, on both merge
     paths (a safetensors base is streamed; a .bin base is merged in memory)."""
-    from pipeline.edora import layer
+    from pipeline.edora import terms
 
     base, adapter = made
     if path == "in_memory":
@@ -120,11 +120,11 @@ def test_written_weights_are_checked_against_the_formula(made, tmp_path, capsys,
         torch.save(load_file(tmp_path / "base" / "model.safetensors"), tmp_path / "base" / "pytorch_model.bin")
         (tmp_path / "base" / "model.safetensors").unlink()
         base = tmp_path / "base"
-    real = layer.merged_weight_from_factors
-    monkeypatch.setattr(layer, "merged_weight_from_factors", lambda w0, a, b, r, m, s: real(w0, a, b, r, None, s))
+    real = terms.merged_weight
+    monkeypatch.setattr(terms, "merged_weight", lambda w0, a, b, r, m, s: real(w0, a, b, r, None, s))
     rc, err = merge(capsys, "--adapter", adapter, "--base", base, "--out", tmp_path / "m", "--no-verify")
     assert rc == 2 and "recomputed from the saved adapter" in err and not (tmp_path / "m").exists()
-    monkeypatch.setattr(layer, "merged_weight_from_factors", real)
+    monkeypatch.setattr(terms, "merged_weight", real)
     assert merge(capsys, "--adapter", adapter, "--base", base, "--out", tmp_path / "m", "--no-verify", "--dtype",
                  "float32")[0] == 0
     report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
