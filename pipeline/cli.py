@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("pipeline.serve", "serve a merged checkpoint with vLLM's OpenAI-compatible server"),
     "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH"),
     "run": ("pipeline.run", "train, merge and evaluate one recipe end to end"),
+    "setup": ("pipeline.install", "install everything (torch, the exact pins, the demo's model and data) in one go"),
 }
 
 

