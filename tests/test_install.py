@@ -1,8 +1,8 @@
 """The installable package: pyproject's pins equal requirements.txt's, and `pipeline setup` picks the right torch."""
 
 import sys
-import tomllib
 
+import pytest
 from tests_paths import ROOT
 
 from pipeline import install
@@ -13,6 +13,7 @@ def _pins(lines):
 
 
 def test_pyproject_pins_equal_requirements():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + project["optional-dependencies"]["dev"]
     assert _pins(declared) == _pins((ROOT / "requirements.txt").read_text().splitlines())
