@@ -26,6 +26,7 @@ class Sample:
     gold: str | int | float
     subject: str | None = None
     level: int | None = None
+    solution: str | None = None  # the gold worked solution as training writes it (for the gold-solution loss)
 
 
 @dataclass
@@ -47,9 +48,13 @@ class Task:
 # --- GSM8K ---------------------------------------------------------------------------------------------------------
 
 def gsm8k_sample(row: dict, index: int) -> Sample:
+    from pipeline.data import gsm8k_solution
+
     question = _first(row, "question", "query")
     answer = _first(row, "answer", "response")
-    return Sample(id=str(row.get("id", index)), question=question, gold=extract.gsm8k_gold(answer))
+    solution = gsm8k_solution(answer) if "####" in answer else answer
+    return Sample(id=str(row.get("id", index)), question=question, gold=extract.gsm8k_gold(answer),
+                  solution=solution)
 
 
 def gsm8k_score(sample: Sample, completion: str) -> dict:
@@ -82,7 +87,9 @@ def math_sample(row: dict, index: int) -> Sample:
         level = int(digits) if digits.isdigit() else None
     subject = row.get("subject", row.get("type"))
     sample_id = row.get("unique_id", row.get("id", index))
-    return Sample(id=str(sample_id), question=question, gold=gold, subject=subject, level=level)
+    solution = row.get("solution", row.get("output"))
+    return Sample(id=str(sample_id), question=question, gold=gold, subject=subject, level=level,
+                  solution=solution if isinstance(solution, str) else None)
 
 
 def math_score(sample: Sample, completion: str) -> dict:
