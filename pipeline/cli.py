@@ -37,6 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library messages that concern nothing a run of this project does: (logger, text in the message).
+NOISE = [
+    ("bitsandbytes.backends.cpu.ops", "pip install kernels"),  # an optional CPU 4-bit kernel; the built-in one is used
+    ("DeepSpeed", "Setting accelerator to CPU"),  # DeepSpeed imported on a machine without a GPU: expected
+]
+NOISY_WARNINGS = [r".*is_gradient_checkpointing.*is deprecated"]  # transformers' own rename, called by TRL/PEFT
+
+
+class _DropText(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Drop the library messages in NOISE (verbose mode keeps them); everything else still shows."""
+    import warnings
+
+    for name, text in NOISE:
+        logger = logging.getLogger(name)  # a filter on the logger itself: it holds for any handler
+        if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropText(text))
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
 def setup_logging(verbose: bool = False) -> None:
     import os
 
@@ -44,6 +73,8 @@ def setup_logging(verbose: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        quiet_libraries()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,3 +31,23 @@ def test_setup_takes_cpu_torch_without_a_gpu_and_keeps_an_installed_one():
     assert install.commands("auto", "2.12.1", has_gpu=False) == [cpu] + rest  # another version is replaced
     assert install.commands("skip", None, has_gpu=False) == rest
     assert install.commands("cuda", "2.13.0", has_gpu=False)[0] == pip + ["torch==2.13.0"]
+
+
+def test_library_noise_is_dropped_and_other_warnings_kept(caplog):
+    import logging
+
+    from pipeline.cli import setup_logging
+
+    setup_logging()
+    bnb, ds = logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("DeepSpeed")
+    with caplog.at_level(logging.WARNING):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: x. Please `pip install kernels`")
+        bnb.warning("a 4-bit warning that matters")
+    assert "kernels" not in caplog.text and "a 4-bit warning that matters" in caplog.text
+
+    def record(msg):
+        return logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, msg, None, None)
+
+    # DeepSpeed's logger has its own handler (no propagation): check its filter directly
+    assert not ds.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, ..."))
+    assert ds.filter(record("ZeRO-3 partitioning failed"))
