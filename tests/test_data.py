@@ -96,6 +96,17 @@ def test_all_malformed_is_an_error(tmp_path):
         load_rows(str(path), "train")
 
 
+def test_a_file_with_other_field_names_says_which_keys_to_set(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"problem_text": "What is 2+2?", "worked": "2+2=4\nThe answer is: 4"}])
+    for fmt in ("auto", "metamathqa"):  # undetectable, or a format whose fields the file lacks
+        with pytest.raises(UserError) as info:
+            load_rows(str(path), "train", fmt)
+        msg = str(info.value)
+        assert "['problem_text', 'worked']" in msg and "--data.query_field=" in msg and "--data.response_field=" in msg
+    ds, _ = load_rows(str(path), "train", "metamathqa", "problem_text", "worked")
+    assert ds[0]["completion"] == " 2+2=4\nThe answer is: 4"
+
+
 def test_metamathqa_rows_map(tmp_path):
     rows = [{"query": f"Q{i}: what is {i}+{i}?", "response": f"{i}+{i}={2 * i}\nThe answer is: {2 * i}",
              "type": "GSM_AnsAug" if i % 2 else "MATH_SV", "original_question": "orig"} for i in range(10)]

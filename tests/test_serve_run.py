@@ -1,5 +1,6 @@
 """`pipeline serve` refusals and dry run; `pipeline run` end to end on a tiny model (transformers eval backend)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -62,8 +63,21 @@ def test_run_trains_merges_evaluates_and_reports(tmp_path):
             f.write(json.dumps(row) + "\n")
     recipe = write_recipe(root, "e2e", tmp_path, training={"max_steps": 3})
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
-                     "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
+                     "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}", "--baseline",
+                     "--gold-loss", "--name", "e2e"]) == 0
     run = tmp_path / "runs" / "e2e"
+    # the base model first, then the fine-tuned one, on the same problems; the report puts them side by side
+    base = json.loads((run / "eval-base/summary.json").read_text())["tasks"]["gsm8k"]
+    after = json.loads((run / "eval/summary.json").read_text())["tasks"]["gsm8k"]
+    assert base["n"] == after["n"] == 2 and base["gold_loss"]["n"] == after["gold_loss"]["n"] == 2
+    assert base["gold_loss"]["loss"] != after["gold_loss"]["loss"]  # training moved the gold solutions' loss
+    text = (run / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| gsm8k loss of the gold solutions"))
+    b, a = base["gold_loss"]["loss"], after["gold_loss"]["loss"]
+    assert row == f"| gsm8k loss of the gold solutions (nats/token, teacher-forced) | {b:.4f} | {a:.4f} | {a - b:+.4f} |"
+    assert "| gsm8k accuracy, strict | 0.0% (0/2) | 0.0% (0/2) | +0.0 pts |" in text  # a random tiny model
+    assert "No problem was solved before or after" in text
+    assert (run / "before_after.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((run / "merged" / "merge_report.json").read_text())["verification"]["passed"] is True
     summary = json.loads((run / "eval" / "summary.json").read_text())
@@ -74,6 +88,22 @@ def test_run_trains_merges_evaluates_and_reports(tmp_path):
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
                      "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
     assert yaml.safe_load((run / "recipe.yaml").read_text())["name"] == "e2e"
+
+
+def test_run_checks_the_eval_inputs_before_training(tmp_path, capsys):
+    root = tmp_path / "setup"
+    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    tiny_tokenizer(root / "model")
+    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(8)))
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "no answer field"}) + "\n")
+    recipe = write_recipe(root, "pre", tmp_path)
+    assert cli_main(["run", str(recipe), "--tasks", "gsm8k", "--backend", "vllm", "--data-file", f"gsm8k={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was trained" in err and f"{bad}:1: not a gsm8k row" in err
+    if importlib.util.find_spec("vllm") is None:
+        assert "vLLM is not installed here" in err and "use --backend hf" in err
+    assert not (tmp_path / "runs" / "pre").exists()
 
 
 @pytest.mark.parametrize("cmd", [["serve", "--help"], ["run", "--help"]])

@@ -46,16 +46,22 @@ def write_recipe(root, name, tmp_path, **changes):
     recipe["training"].update(max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2, warmup_ratio=0.0,
                               logging_steps=1, save_steps=4, lr_scheduler_type="constant")
     for section, values in changes.items():
-        recipe[section].update(values)
+        recipe.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def test_cli_train_loss_falls_and_writes_the_run(tiny_setup, tmp_path):
+def test_cli_train_loss_falls_and_writes_the_run(tiny_setup, tmp_path, capfd, caplog):
     recipe = write_recipe(tiny_setup, "run", tmp_path, training={"max_steps": 12})
-    assert cli_main(["train", str(recipe)]) == 0
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        assert cli_main(["train", str(recipe)]) == 0
     run = tmp_path / "runs" / "run"
+    # one line per logged step: the project's (with tok/s and ETA), not also transformers' printed dict
+    assert sum(" loss " in r.getMessage() and r.getMessage().startswith("step ") for r in caplog.records) == 12
+    assert "{'loss'" not in capfd.readouterr().out
+    card = (run / "README.md").read_text()  # TRL's model card names the real base, not "None"
+    assert f"`{tiny_setup / 'model'}`" in card and "None" not in card
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
