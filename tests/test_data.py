@@ -104,7 +104,7 @@ def test_a_file_with_other_field_names_says_which_keys_to_set(tmp_path):
         msg = str(info.value)
         assert "['problem_text', 'worked']" in msg and "--data.query_field=" in msg and "--data.response_field=" in msg
     ds, _ = load_rows(str(path), "train", "metamathqa", "problem_text", "worked")
-    assert ds[0]["completion"] == " 2+2=4\nThe answer is: 4"
+    assert ds[0]["completion"] == "2+2=4\nThe answer is: 4"
 
 
 def test_metamathqa_rows_map(tmp_path):
