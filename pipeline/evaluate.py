@@ -388,7 +388,8 @@ def main(args) -> int:
             try:
                 backend = backend or make_backend(args.backend, args.model, batch_size=args.batch_size,
                                                   tensor_parallel_size=args.tensor_parallel_size,
-                                                  base_url=args.base_url, api_key=args.api_key)
+                                                  base_url=args.base_url, api_key=args.api_key,
+                                                  timeout_s=args.request_timeout, attempts=args.attempts)
             except BackendError as e:
                 raise UserError(str(e)) from None
             for task in tasks:

