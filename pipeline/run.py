@@ -128,16 +128,25 @@ def check_eval_inputs(plan: EvalPlan) -> None:
 
 def main(args) -> int:
     from pipeline.recipe import load_recipe
-    from pipeline.runstate import check_recipe
-    from pipeline.train import train
+    from pipeline.runstate import check_recipe, run_lock
 
     overrides = list(args.overrides) + ([f"--name={args.name}"] if args.name else []) + \
         ([f"--output_dir={args.out}"] if args.out else [])
-    recipe = check_recipe(load_recipe(args.recipe, overrides), new_run=args.new_run)  # never reuse silently
-    run_dir = Path(recipe.run_dir)
+    recipe = load_recipe(args.recipe, overrides)
     plan = None if args.skip_eval else eval_plan(args, recipe)
     if plan is not None:
-        check_eval_inputs(plan)
+        check_eval_inputs(plan)  # before anything is written
+    # one writer per run dir for every stage (train takes the same lock again: a no-op in this process)
+    with run_lock(Path(recipe.run_dir)):
+        recipe = check_recipe(recipe, new_run=args.new_run)  # never reuse silently
+        with run_lock(Path(recipe.run_dir)):  # a new run's own dir (a no-op when the name is unchanged)
+            return _run(args, recipe, plan)
+
+
+def _run(args, recipe, plan) -> int:
+    from pipeline.train import train
+
+    run_dir = Path(recipe.run_dir)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     timings = {}
     if plan is not None and plan.baseline:

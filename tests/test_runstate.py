@@ -165,3 +165,19 @@ def test_zero3_recipe_without_accelerate_is_an_error_with_the_command(tiny_setup
     err = capsys.readouterr().err
     assert "accelerate launch --config_file" in err and "--num_processes 2" in err
     assert not (tmp_path / "runs" / "z").exists()
+
+
+def test_run_holds_the_lock_for_every_stage(trained, tmp_path, capsys):
+    """`run` (not only its training stage) is refused while another process holds the run dir: no merge, no eval."""
+    recipe, run = copy_run(trained, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "time": 0, "command": "python -m pipeline run x"}
+        (run / ".lock").write_text(json.dumps(lock))
+        before = sorted(p.name for p in run.iterdir())
+        assert cli(["run", str(recipe), "--skip-eval"]) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in run.iterdir()) == before  # no merged/, no eval dirs
+    finally:
+        holder.kill()
+        holder.wait()
