@@ -38,12 +38,14 @@ BOOKKEEPING_SECTIONS = ("eval.",)  # what `run` evaluates after training changes
 
 def is_bookkeeping(key: str) -> bool:
     return key in BOOKKEEPING or key.startswith(BOOKKEEPING_SECTIONS)
+
+
 _MISSING = "<not set>"
 
 
 # ---- one writer per run dir ------------------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +99,7 @@ def run_lock(run_dir: str | Path):
         if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
             yield  # this process already holds it (e.g. `run` calling `train`)
             return
-        if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
             logger.warning("stale lock %s: %s is no longer running; taking it over", path, _describe(owner))
             path.unlink(missing_ok=True)
             continue

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import UserError
+from pipeline.runstate import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +74,6 @@ def check_out_dir(out: Path, overwrite: bool, protected: dict[str, Path]) -> Non
                         "only those. Choose another --out, or move that dir away yourself")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_partials(out: Path) -> list[str]:
     """Remove `.<out>.partial-<pid>` / `.<out>.old-<pid>` dirs whose merge process is gone; report live ones."""
     if not out.parent.is_dir():
@@ -94,7 +85,7 @@ def clean_stale_partials(out: Path) -> list[str]:
         if not m or not p.is_dir():
             continue
         pid = int(m.group(2))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             logger.warning("%s belongs to a merge still running (pid %d); left alone", p, pid)
             continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
