@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval import extract, grading
+from pipeline.errors import UserError
 from pipeline.prompts import METAMATH_STOP, metamath_prompt
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or row that cannot be used; the message names the file, the line and the fix."""
 
 

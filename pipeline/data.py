@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.prompts import ANSWER_PREFIX, metamath_train_prompt
 
 if TYPE_CHECKING:

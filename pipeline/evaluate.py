@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)

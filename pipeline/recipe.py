@@ -22,8 +22,8 @@ from typing import Literal
 
 import yaml
 
-from pipeline.cli import UserError
 from pipeline.data import LOCAL_SUFFIXES, parse_split
+from pipeline.errors import UserError
 
 DTYPE = Literal["bfloat16", "float16", "float32"]
 SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cli import UserError
 from pipeline.cli import main as cli_main
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

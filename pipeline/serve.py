@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

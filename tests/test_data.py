@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.cli import UserError
 from pipeline.data import (
     gsm8k_solution,
     load_rows,
@@ -17,6 +16,7 @@ from pipeline.data import (
     parse_split,
     truncation_report,
 )
+from pipeline.errors import UserError
 from pipeline.prompts import metamath_prompt, metamath_train_prompt
 
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

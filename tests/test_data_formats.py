@@ -9,9 +9,9 @@ from test_data import data_cfg, write_jsonl
 from test_train import gsm8k_rows, write_recipe
 
 from pipeline import data
-from pipeline.cli import UserError
 from pipeline.cli import main as cli_main
 from pipeline.data import detect_format, load_rows, load_sft_dataset, map_row, messages_examples, truncation_report
+from pipeline.errors import UserError
 
 
 def metamath_prompt(query: str) -> str:

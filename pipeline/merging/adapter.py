@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.runstate import pid_alive
 
 logger = logging.getLogger(__name__)
