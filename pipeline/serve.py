@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -37,6 +38,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
 
 
+@dataclass
+class ServeRequest:
+    """The serve command's options, typed (the fields are its flags' names)."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    api_key: str | None = None
+    gpu_memory_utilization: float | None = None
+    insecure: bool = False
+    dry_run: bool = False
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -48,28 +66,28 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to any interface
 
 
-def check_exposure(args) -> None:
+def check_exposure(req: ServeRequest) -> None:
     """An open server on a reachable interface must be asked for explicitly."""
-    if is_loopback(args.host) or args.api_key:
+    if is_loopback(req.host) or req.api_key:
         return
-    if not args.insecure:
-        raise UserError(f"--host {args.host} serves beyond this machine, and without --api-key anyone who reaches port "
-                        f"{args.port} can use the model. Pass --api-key KEY (clients send it as a Bearer token), or "
+    if not req.insecure:
+        raise UserError(f"--host {req.host} serves beyond this machine, and without --api-key anyone who reaches port "
+                        f"{req.port} can use the model. Pass --api-key KEY (clients send it as a Bearer token), or "
                         "--insecure to serve openly, or keep the default --host 127.0.0.1")
-    logger.warning("serving on %s:%d without an API key (--insecure)", args.host, args.port)
+    logger.warning("serving on %s:%d without an API key (--insecure)", req.host, req.port)
 
 
-def vllm_command(args) -> list[str]:
-    cmd = ["vllm", "serve", args.model, "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
-           "--tensor-parallel-size", str(args.tensor_parallel_size)]
-    if args.max_model_len:
-        cmd += ["--max-model-len", str(args.max_model_len)]
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    if args.gpu_memory_utilization:
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+def vllm_command(req: ServeRequest) -> list[str]:
+    cmd = ["vllm", "serve", req.model, "--host", req.host, "--port", str(req.port), "--dtype", req.dtype,
+           "--tensor-parallel-size", str(req.tensor_parallel_size)]
+    if req.max_model_len:
+        cmd += ["--max-model-len", str(req.max_model_len)]
+    if req.served_model_name:
+        cmd += ["--served-model-name", req.served_model_name]
+    if req.api_key:
+        cmd += ["--api-key", req.api_key]
+    if req.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(req.gpu_memory_utilization)]
     return cmd
 
 
@@ -101,12 +119,17 @@ def check_server_imports() -> None:
 
 
 def main(args) -> int:
-    check_model(args.model)
-    check_exposure(args)
-    if args.tensor_parallel_size < 1:
+    return serve(ServeRequest(**{f.name: getattr(args, f.name) for f in fields(ServeRequest)}))
+
+
+def serve(req: ServeRequest) -> int:
+    """Check the model and the exposure, then replace this process with `vllm serve` (dry_run: print the command)."""
+    check_model(req.model)
+    check_exposure(req)
+    if req.tensor_parallel_size < 1:
         raise UserError("--tensor-parallel-size must be >= 1")
-    cmd = vllm_command(args)
-    if args.dry_run:
+    cmd = vllm_command(req)
+    if req.dry_run:
         print(shlex.join(cmd))
         return 0
     exe = shutil.which("vllm")
