@@ -188,7 +188,7 @@ def resolve_data_file(spec: str) -> Path:
     installed --no-deps, so importing it would fail), or a path."""
     if not spec.startswith("pkg://"):
         return Path(spec)
-    from pipeline.recipe import resolve_path
+    from pipeline.specs import resolve_path
 
     try:
         path = resolve_path(spec)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
+from pipeline.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +185,10 @@ def _parse_args(req: EvalRequest, unknown: list[str]) -> tuple[list, dict[str, s
 def default_out(req: EvalRequest) -> Path:
     if req.predictions:
         return Path("runs/eval") / (Path(req.predictions).stem + "-graded")
-    model = Path(req.model)
-    if model.is_dir() and model.name == "merged":  # runs/<name>/merged -> runs/<name>/eval
-        return model.parent / "eval"
-    return Path("runs/eval") / model.name.replace("/", "--")
+    run_dir = ModelSpec.parse(req.model).run_dir
+    if run_dir is not None:  # runs/<name>/merged -> runs/<name>/eval
+        return run_dir / "eval"
+    return Path("runs/eval") / Path(req.model).name.replace("/", "--")
 
 
 def identify_model(req: EvalRequest, ask_server: bool = True):
@@ -213,13 +214,16 @@ def identify_model(req: EvalRequest, ask_server: bool = True):
 
 def trained_prompt_format(model: str | None) -> str | None:
     """The prompt format a training run recorded for this model (runs/<name>/adapter/edora_meta.json), if any."""
+    from pipeline.adapter_meta import AdapterMeta
+
     if not model or not Path(model).is_dir():
         return None
-    for meta in (Path(model) / "edora_meta.json", Path(model).parent / "adapter" / "edora_meta.json"):
-        if meta.is_file():
-            return json.loads(meta.read_text()).get("prompt_format")
+    for d in (Path(model), Path(model).parent / "adapter"):
+        meta = AdapterMeta.read(d)
+        if meta is not None:
+            return meta.prompt_format
     stats = Path(model).parent / "data_stats.json"  # a full fine-tune (runs/<name>/merged) has no adapter meta
-    if Path(model).name == "merged" and stats.is_file():
+    if ModelSpec.parse(model).run_dir is not None and stats.is_file():
         formats = json.loads(stats.read_text())["train"]["format"]
         return "chat" if "messages" in (formats if isinstance(formats, list) else [formats]) else "metamath"
     return None
@@ -362,8 +366,9 @@ def _evaluate(req: EvalRequest, unknown: list[str]) -> dict:
         accs = ", ".join(f"{m} {100 * a:.2f}%" for m, a in t["accuracy"].items())
         logger.info("%s (n=%d): %s; no answer: %d", name, t["n"], accs, t["invalid"])
     logger.info("wrote %s (summary.json, report.md, samples.jsonl)", out_dir)
-    if not req.predictions and Path(req.model).name == "merged":  # runs/<name>/merged: the training's trackers
+    run_dir = None if req.predictions else ModelSpec.parse(req.model).run_dir
+    if run_dir is not None:  # runs/<name>/merged: the training's trackers
         from pipeline import trackers
 
-        trackers.log_eval(Path(req.model).parent, summary)
+        trackers.log_eval(run_dir, summary)
     return summary

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.dtypes import FLOAT_DTYPES, lower_precision
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 # path's own rounding, so it grows with depth; a wrong merge moves logits by far more.
 TOLERANCES = {"float32": 1e-4, "bfloat16": 0.15, "float16": 0.03}
 MIN_AGREEMENT = {"float32": 0.99, "bfloat16": 0.9, "float16": 0.95}
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
                         help="base model: hub id, local dir, .gguf file or pkg://module/file (default: "
                              "base_model_name_or_path from the adapter's adapter_config.json)")
     parser.add_argument("--out", default=None, help="output dir (default: 'merged' beside the adapter dir)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                         help="dtype of the merged checkpoint (default: the base checkpoint's, else bfloat16)")
     parser.add_argument("--into", choices=("full", "dequantized"), default="full",
                         help="for adapters trained on a 4-bit base: merge into the full-precision base weights "
@@ -85,23 +85,23 @@ def peak_rss_gib() -> float:
 
 def resolve_base(spec: str) -> tuple[str, Path | None]:
     """(spec to load with transformers, local dir with safetensors or None). Hub ids are downloaded (cached)."""
-    from pipeline.recipe import resolve_path
+    from pipeline.specs import ModelSpec
 
-    if spec.startswith("pkg://") or spec.endswith(".gguf"):
-        try:
-            path = resolve_path(spec)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from e
-        if not path.exists():
-            raise UserError(f"base {spec}: {path} does not exist")
-        return str(path), None
-    p = Path(spec).expanduser()
-    if p.exists():
+    try:
+        model = ModelSpec.parse(spec)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    if model.kind == "gguf" or (model.kind == "missing" and (spec.startswith("pkg://") or spec.endswith(".gguf"))):
+        if model.kind == "missing":
+            raise UserError(f"base {spec}: {model.path} does not exist")
+        return str(model.path), None
+    if model.kind == "dir":
+        p = model.path
         has_st = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
         if not (p / "config.json").is_file():
             raise UserError(f"base {p} has no config.json: not a Hugging Face model dir")
         return str(p), (p if has_st else None)
-    if spec.startswith(("/", "./", "../", "~")):
+    if model.kind == "missing":
         raise UserError(f"base {spec} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -119,7 +119,7 @@ def base_dtype_name(base_dir: Path | None) -> str | None:
         return None
     cfg = json.loads((base_dir / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return name if name in DTYPES else None
+    return name if name in FLOAT_DTYPES else None
 
 
 def copy_tokenizer(adapter_dir: Path, base_spec: str, base_dir: Path | None, out: Path) -> str:
@@ -341,7 +341,6 @@ def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, into: str, devi
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.edora.loader import load_edora_adapter
-    from pipeline.merging.quant import bnb_config
     from pipeline.merging.verify import disable_bnb_cpu_repacking, verify
     from pipeline.modeling import load_model
 
@@ -353,7 +352,7 @@ def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, into: str, devi
 
     def quant_ref():
         q = adapter.quant
-        base = load_model(load_spec, dtype=q.base_dtype, quantization_config=bnb_config(q), device_map=device)
+        base = load_model(load_spec, dtype=q.base_dtype, quantization_config=q.bnb_config(), device_map=device)
         disable_bnb_cpu_repacking(base)
         return load_edora_adapter(base, adapter.dir)
 
@@ -372,8 +371,8 @@ def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, into: str, devi
     vocab = AutoConfig.from_pretrained(str(tmp)).vocab_size
     result = verify(tmp, refs, merged, vocab)
     tol_dtype = dtype_name
-    if gate == "adapter_4bit_base" and DTYPES.index(adapter.quant.compute_dtype) < DTYPES.index(dtype_name):
-        tol_dtype = adapter.quant.compute_dtype  # the 4-bit reference computes in a lower precision than the output
+    if gate == "adapter_4bit_base":  # the 4-bit reference may compute in a lower precision than the output
+        tol_dtype = lower_precision(adapter.quant.compute_dtype, dtype_name)
     result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype,
                   min_agreement=MIN_AGREEMENT[tol_dtype])
     g = result["comparisons"][gate]

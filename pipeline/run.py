@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.dtypes import FLOAT_DTYPES
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def add_arguments(parser) -> None:
                         help="also evaluate the base model before training (default: the recipe's eval.baseline)")
     parser.add_argument("--gold-loss", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the gold solutions' teacher-forced loss (default: eval.gold_loss)")
-    parser.add_argument("--merge-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--merge-dtype", default=None, choices=FLOAT_DTYPES,
                         help="dtype of the merged checkpoint (default: bfloat16 on a GPU, float32 on a CPU)")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--new-run", action="store_true",

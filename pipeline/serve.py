@@ -14,8 +14,8 @@ import shlex
 import shutil
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 
+from pipeline.dtypes import FLOAT_DTYPES
 from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
 
@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="merged checkpoint dir (python -m pipeline merge) or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve other machines)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    parser.add_argument("--dtype", default="bfloat16", choices=[*FLOAT_DTYPES, "auto"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --model)")
@@ -92,11 +92,14 @@ def vllm_command(req: ServeRequest) -> list[str]:
 
 
 def check_model(model: str) -> None:
-    path = Path(model)
-    if not path.exists():
-        if model.startswith((".", "/")) or model.count("/") != 1:
+    from pipeline.specs import ModelSpec
+
+    spec = ModelSpec.parse(model) if not model.startswith("pkg://") else ModelSpec(model, "missing")
+    if spec.kind in ("hub", "missing"):
+        if not spec.is_org_name:
             raise UserError(f"--model {model}: no such directory (and it does not look like a hub id 'org/name')")
         return  # a hub id: vLLM downloads it
+    path = spec.path
     if (path / "adapter_config.json").exists():
         raise UserError(f"{model} is an adapter, and vLLM cannot load EDoRA adapters. Merge it first: "
                         f"python -m pipeline merge --adapter {model}  (then serve the 'merged' dir it prints)")

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 FULL_DIR = "merged"  # where a full fine-tune (adapter.method: full) writes its model
-META_FILE = "edora_meta.json"
 
 
 def add_arguments(parser) -> None:
@@ -165,7 +164,7 @@ def _train(recipe, resume: bool):
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
 
     peft_config = build_peft_config(recipe.adapter)
-    is_edora = recipe.adapter.method in ("edora", "loraxs")
+    is_edora = recipe.adapter.uses_svd
     if is_edora and zero3 and quant is None and recipe.model.dtype != "float32":
         # ZeRO-3 all-gathers small (persistent) parameters in one buffer of one dtype: fp32 R and m beside bf16
         # norms fail there (DeepSpeed #8072). DeepSpeed keeps fp32 master copies, so bf16 R and m lose nothing.
@@ -196,8 +195,7 @@ def _train(recipe, resume: bool):
         cfg.base_model_name_or_path = recipe.model.name_or_path
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir)
-        record_prompt_format(adapter_dir, prompt_format)
+        finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir, prompt_format)
         trackers.record(run_dir, trainer)
     return trainer
 
@@ -311,31 +309,20 @@ def log_trainable(model) -> None:
                 100 * trainable / max(total, 1))
 
 
-def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
+def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path, prompt_format: str) -> None:
+    """The adapter's tokenizer and edora_meta.json (the prompt format: metamath, the Alpaca text; chat, the
+    tokenizer's chat template), the trainer state and the loss plot."""
+    from pipeline.adapter_meta import AdapterMeta
     from pipeline.edora.loader import add_card_note
     from pipeline.merging.checks import training_fingerprint
 
     tokenizer.save_pretrained(adapter_dir)
-    m = recipe.model
-    meta = {  # read by `pipeline merge` (pipeline/merging/adapter.py) to redo the 4-bit round trip exactly
-        "schema": 1,
-        "base_model": m.name_or_path,
-        "base_dtype": m.dtype,
-        "base_load_in_4bit": m.load_in_4bit,
-        "bnb_4bit_quant_type": m.bnb_4bit_quant_type if m.load_in_4bit else None,
-        "bnb_4bit_use_double_quant": m.bnb_4bit_use_double_quant if m.load_in_4bit else None,
-        "bnb_4bit_compute_dtype": m.bnb_4bit_compute_dtype if m.load_in_4bit else None,
-        "bnb_4bit_quant_storage": m.bnb_4bit_quant_storage if m.load_in_4bit else None,
-        "bnb_4bit_blocksize": 64 if m.load_in_4bit else None,  # BitsAndBytesConfig's fixed 4-bit blocksize
-        "method": recipe.adapter.method,
-        "recipe": recipe.name,
-        "global_step": trainer.state.global_step,
-        # checked by the merge: the base weights this adapter adapts (null when the base is not a local or cached
-        # safetensors checkpoint, e.g. a .gguf file)
-        "base_fingerprint": training_fingerprint(m.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
-    }
-    (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    if recipe.adapter.method in ("edora", "loraxs"):
+    # read by `pipeline merge` (the base fingerprint, the 4-bit round trip) and `pipeline eval --prompt auto`
+    AdapterMeta.for_training(
+        recipe.model, method=recipe.adapter.method, recipe=recipe.name, global_step=trainer.state.global_step,
+        base_fingerprint=training_fingerprint(recipe.model.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
+        prompt_format=prompt_format).write(adapter_dir)
+    if recipe.adapter.uses_svd:
         add_card_note(adapter_dir)
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
@@ -352,15 +339,6 @@ def finish_full(recipe, trainer, tokenizer, run_dir: Path):
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
         logger.info("full fine-tune saved to %s (a plain checkpoint: nothing to merge)", out)
     return trainer
-
-
-def record_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
-    """The prompt the model was trained on (metamath: the Alpaca text; chat: the tokenizer's chat template), in
-    edora_meta.json: `pipeline eval --prompt auto` (and so `pipeline run`) evaluates with the same."""
-    path = adapter_dir / META_FILE
-    meta = json.loads(path.read_text())
-    meta["prompt_format"] = prompt_format
-    path.write_text(json.dumps(meta, indent=2))
 
 
 def read_metrics(path: Path) -> list[dict]:

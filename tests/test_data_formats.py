@@ -9,6 +9,7 @@ from test_data import data_cfg, write_jsonl
 from test_train import gsm8k_rows, write_recipe
 
 from pipeline import data
+from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli_main
 from pipeline.data import detect_format, load_rows, load_sft_dataset, map_row, messages_examples, truncation_report
 from pipeline.errors import UserError
@@ -138,7 +139,7 @@ def test_chat_recipe_trains_and_evaluates_with_the_chat_template_through_run(tmp
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
                      "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
     run = tmp_path / "runs" / "chat"
-    assert json.loads((run / "adapter" / "edora_meta.json").read_text())["prompt_format"] == "chat"
+    assert AdapterMeta.read(run / "adapter").prompt_format == "chat"
     assert json.loads((run / "data_stats.json").read_text())["train"]["format"] == "messages"
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["prompt"] == "chat template: " + CHAT_TEMPLATE and summary["tasks"]["gsm8k"]["n"] == 2
@@ -157,6 +158,6 @@ def test_eval_prompt_follows_the_recorded_training_format(tmp_path):
     (run / "data_stats.json").write_text(json.dumps({"train": {"format": ["gsm8k", "messages"]}}))
     assert trained_prompt_format(str(run / "merged")) == "chat"  # a full fine-tune: no adapter, data_stats.json
     (run / "adapter").mkdir()
-    (run / "adapter" / "edora_meta.json").write_text(json.dumps({"prompt_format": "metamath"}))
+    AdapterMeta(prompt_format="metamath").write(run / "adapter")
     assert trained_prompt_format(str(run / "merged")) == "metamath"  # the adapter's record comes first
     assert trained_prompt_format("HuggingFaceTB/SmolLM2-135M") is None

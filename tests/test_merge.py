@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tests_paths import ROOT
 from transformers import AutoModelForCausalLM
 
+from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli
 from pipeline.edora import EdoraConfig, Linear
 
@@ -194,11 +195,10 @@ def run_4bit(request, tmp_path_factory):
         logits = model(x).logits
     adapter = root / "run" / "adapter"
     model.save_pretrained(adapter)
-    # what the trainer writes beside a 4-bit-trained adapter (schema in pipeline/merging/adapter.py)
-    (adapter / "edora_meta.json").write_text(json.dumps({
-        "schema": 1, "base_load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": request.param, "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_blocksize": 64, "base_dtype": "float32"}))
+    # what the trainer writes beside a 4-bit-trained adapter
+    AdapterMeta(base_load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=request.param,
+                bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="uint8", bnb_4bit_blocksize=64,
+                base_dtype="float32").write(adapter)
     return root / "base", adapter, x, logits
 
 
@@ -239,6 +239,27 @@ def test_4bit_settings_read_from_a_resolved_recipe(tmp_path):
     assert q.quant_type == "nf4" and q.double_quant is True and q.base_dtype == "bfloat16"
     (tmp_path / "recipe.yaml").write_text("model:\n  name_or_path: x\n")
     assert read_quant_info(tmp_path / "adapter") is None
+
+
+def test_4bit_settings_left_out_mean_the_recipe_defaults(tmp_path):
+    """A setting edora_meta.json or a resolved recipe leaves out means what the recipe would have used: both read
+    double quantization as on (the meta reader used to read it as off), and build the same BitsAndBytesConfig."""
+    from pipeline.merging.adapter import read_quant_info
+    from pipeline.recipe import ModelConfig
+
+    default = ModelConfig(name_or_path="x", load_in_4bit=True)
+    assert default.bnb_4bit_use_double_quant is True
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "edora_meta.json").write_text('{"base_load_in_4bit": true}')
+    (tmp_path / "b" / "adapter").mkdir(parents=True)
+    (tmp_path / "b" / "recipe.yaml").write_text("model:\n  name_or_path: x\n  load_in_4bit: true\n")
+    from_meta, from_recipe = read_quant_info(tmp_path / "a"), read_quant_info(tmp_path / "b" / "adapter")
+    for q in (from_meta, from_recipe):
+        assert (q.quant_type, q.double_quant, q.compute_dtype, q.quant_storage, q.base_dtype) == \
+            ("nf4", True, "bfloat16", "uint8", "bfloat16")
+        cfg = q.bnb_config()
+        assert cfg.bnb_4bit_use_double_quant is True and cfg.bnb_4bit_quant_type == "nf4"
+        assert cfg.to_dict() == default.bnb_config().to_dict()
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------

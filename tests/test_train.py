@@ -199,8 +199,10 @@ def test_4bit_base_trains_on_cpu(tiny_setup, tmp_path):
                           training={"max_steps": 4})
     assert cli_main(["train", str(recipe)]) == 0
     run = tmp_path / "runs" / "q4"
-    meta = json.loads((run / "adapter/edora_meta.json").read_text())
-    assert meta["base_load_in_4bit"] is True and meta["bnb_4bit_quant_type"] == "nf4"
+    from pipeline.adapter_meta import AdapterMeta
+
+    meta = AdapterMeta.read(run / "adapter")
+    assert meta.base_load_in_4bit is True and meta.bnb_4bit_quant_type == "nf4" and meta.quant().double_quant
     from safetensors.torch import load_file
 
     sd = load_file(run / "adapter/adapter_model.safetensors")

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -252,9 +251,12 @@ def base_fingerprint(base_dir: Path, names: list[str]) -> str:
 
 def local_safetensors_dir(spec: str) -> Path | None:
     """The local safetensors dir of a base spec without any download (a hub id: the cached copy), else None."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        if spec.startswith("pkg://") or spec.endswith(".gguf") or spec.count("/") != 1:
+    from pipeline.specs import ModelSpec
+
+    model = ModelSpec(spec, "missing") if spec.startswith("pkg://") else ModelSpec.parse(spec)
+    p = model.path
+    if not (model.kind == "dir" and p.is_dir()):
+        if not model.is_org_name:
             return None
         try:
             from huggingface_hub import snapshot_download
@@ -276,16 +278,16 @@ def training_fingerprint(spec: str, tensor_file: Path) -> str | None:
 
 def check_base_fingerprint(adapter, base_dir: Path | None) -> dict:
     """Compare the fingerprint training saved (edora_meta.json) with this base; UserError when they differ."""
-    from .adapter import META_FILE, _tensor_keys
+    from .adapter import META_FILE, AdapterMeta, _tensor_keys
 
     meta_path = adapter.dir / META_FILE
-    saved = json.loads(meta_path.read_text()).get("base_fingerprint") if meta_path.is_file() else None
+    meta = AdapterMeta.read(adapter.dir)
+    saved = meta.base_fingerprint if meta is not None else None
     if saved is None or base_dir is None:
         return {"saved": saved, "checked": False}
     now = base_fingerprint(base_dir, adapted_weight_names(_tensor_keys(adapter.tensor_file)))
     if now != saved:
         raise UserError(f"the adapter was made on a different base model: the base weights it adapts differ from the "
                         f"ones recorded at training ({meta_path}: base_fingerprint {saved}, this base {now}). Pass "
-                        f"the base it was trained on with --base ({meta_path.name} says "
-                        f"{json.loads(meta_path.read_text()).get('base_model')!r})")
+                        f"the base it was trained on with --base ({meta_path.name} says {meta.base_model!r})")
     return {"saved": saved, "checked": True}
