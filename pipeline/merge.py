@@ -10,7 +10,7 @@ complete-looking dir.
 
 Verification (on by default, `--no-verify` skips it): the adapter model (base + adapter through PEFT) and the
 merged model run on the same fixed prompts, one after the other; the max |logit difference| must stay within
-TOLERANCES for the output dtype, relative to the largest |logit| of the reference, and the argmax agreement must
+TOLERANCES (pipeline/merging/verify.py) for the output dtype, relative to the largest |logit| of the reference, and the argmax agreement must
 reach MIN_AGREEMENT. Measured on CPU (max |diff| / max |logit|, argmax agreement), tiny random Llama and
 SmolLM2-135M with an r=8 adapter: float32 3.8e-7 / 4.0e-6 (100%), bfloat16 8.2e-3 / 4.4e-2 (99.4% / 97.4%),
 float16 1.0e-3 / 6.2e-3 (100%).
@@ -32,18 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.dtypes import FLOAT_DTYPES, lower_precision
+from pipeline.dtypes import FLOAT_DTYPES
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Max |logit difference| (merged vs adapter model) / max |logit| of the adapter model, per output dtype, and the least
-# share of positions whose argmax must agree. Relative, because the difference scales with the logits (SmolLM2's
-# reach 35, a tiny random model's 0.7). Worst measured (module docstring): fp32 4.0e-6, bf16 4.4e-2, fp16 6.2e-3;
-# the limits leave 3-25x margin. In 16 bits the difference is the rounding of the merged weights vs the adapter
-# path's own rounding, so it grows with depth; a wrong merge moves logits by far more.
-TOLERANCES = {"float32": 1e-4, "bfloat16": 0.15, "float16": 0.03}
-MIN_AGREEMENT = {"float32": 0.99, "bfloat16": 0.9, "float16": 0.95}
 
 
 def add_arguments(parser) -> None:
@@ -177,6 +170,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, base: str | None =
     import pipeline.edora  # noqa: F401 - registers EDoRA with PEFT (verification loads the adapter through PEFT)
     from pipeline.merging.adapter import read_adapter
     from pipeline.merging.checks import check_base_fingerprint, check_out_dir, clean_stale_partials
+    from pipeline.merging.verify import verify_merge
 
     t_start = time.perf_counter()
     adapter = read_adapter(adapter)
@@ -226,7 +220,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, base: str | None =
         failed = None
         if verify:
             t0 = time.perf_counter()
-            report["verification"] = _verify(tmp, adapter, load_spec, dtype_name, into, verify_device)
+            report["verification"] = verify_merge(tmp, adapter, load_spec, dtype_name, into, verify_device)
             report["timing_s"]["verify"] = time.perf_counter() - t0
             v = report["verification"]
             if not v["passed"]:
@@ -334,47 +328,3 @@ def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, 
         "timing_s": {},
         "peak_rss_gib": {},
     }
-
-
-def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, into: str, device: str) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.edora.loader import load_edora_adapter
-    from pipeline.merging.verify import disable_bnb_cpu_repacking, verify
-    from pipeline.modeling import load_model
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def full_ref():
-        return load_edora_adapter(load_model(load_spec, dtype=dtype_name, device_map=device), adapter.dir)
-
-    def quant_ref():
-        q = adapter.quant
-        base = load_model(load_spec, dtype=q.base_dtype, quantization_config=q.bnb_config(), device_map=device)
-        disable_bnb_cpu_repacking(base)
-        return load_edora_adapter(base, adapter.dir)
-
-    def merged():
-        return AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name), device_map=device)
-
-    if adapter.quant is None:
-        refs = {"adapter": (f"base ({dtype_name}) + adapter", full_ref)}
-        gate = "adapter"
-    else:
-        q = adapter.quant
-        refs = {"adapter_4bit_base": (f"{q.quant_type} 4-bit base (as trained, compute {q.compute_dtype}) + adapter",
-                                      quant_ref),
-                "adapter_full_base": (f"full-precision base ({dtype_name}) + adapter", full_ref)}
-        gate = "adapter_4bit_base" if into == "dequantized" else "adapter_full_base"
-    vocab = AutoConfig.from_pretrained(str(tmp)).vocab_size
-    result = verify(tmp, refs, merged, vocab)
-    tol_dtype = dtype_name
-    if gate == "adapter_4bit_base":  # the 4-bit reference may compute in a lower precision than the output
-        tol_dtype = lower_precision(adapter.quant.compute_dtype, dtype_name)
-    result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype,
-                  min_agreement=MIN_AGREEMENT[tol_dtype])
-    g = result["comparisons"][gate]
-    result["passed"] = g["rel_logit_diff"] <= TOLERANCES[tol_dtype] and g["argmax_agreement"] >= MIN_AGREEMENT[tol_dtype]
-    return result

@@ -86,7 +86,7 @@ def test_messages_loss_is_on_the_assistant_turns_token_by_token(tmp_path):
     from trl import SFTConfig
 
     from pipeline.edora import EdoraConfig
-    from pipeline.train import make_trainer
+    from pipeline.trainer import make_trainer
 
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[1:3]}])
     train_ds, _, stats = load_sft_dataset(data_cfg(source=str(path), format="messages"), 0)
@@ -144,13 +144,13 @@ def test_chat_recipe_trains_and_evaluates_with_the_chat_template_through_run(tmp
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["prompt"] == "chat template: " + CHAT_TEMPLATE and summary["tasks"]["gsm8k"]["n"] == 2
     assert json.loads((run / "eval" / "run.json").read_text())["tasks"]["gsm8k"]["prompt"] == summary["prompt"]
-    from pipeline.evaluate import trained_prompt_format
+    from eval.prompting import trained_prompt_format
 
     assert trained_prompt_format(str(run / "merged")) == "chat"  # a later `eval --model runs/chat/merged`
 
 
 def test_eval_prompt_follows_the_recorded_training_format(tmp_path):
-    from pipeline.evaluate import trained_prompt_format
+    from eval.prompting import trained_prompt_format
 
     run = tmp_path / "runs" / "x"
     (run / "merged").mkdir(parents=True)

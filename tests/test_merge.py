@@ -340,10 +340,10 @@ def test_into_dequantized_needs_4bit_training_info(run_dir, tmp_path, capsys):
 
 
 def test_failed_verification_keeps_a_rejected_dir_only(run_dir, tmp_path, capsys, monkeypatch):
-    import pipeline.merge
+    import pipeline.merging.verify
 
     base, adapter, *_ = run_dir
-    monkeypatch.setitem(pipeline.merge.TOLERANCES, "bfloat16", 0.0)
+    monkeypatch.setitem(pipeline.merging.verify.TOLERANCES, "bfloat16", 0.0)
     rc, err = refused(capsys, "--adapter", adapter, "--out", tmp_path / "m", "--dtype", "bfloat16")
     assert rc == 2 and "verification failed" in err and "m.rejected" in err
     assert not (tmp_path / "m").exists() and (tmp_path / "m.rejected" / "merge_report.json").exists()

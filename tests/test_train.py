@@ -88,7 +88,7 @@ def test_completion_only_masking_token_by_token(tiny_setup, tmp_path):
     from pipeline.data import load_sft_dataset
     from pipeline.edora import EdoraConfig
     from pipeline.recipe import load_recipe
-    from pipeline.train import make_trainer
+    from pipeline.trainer import make_trainer
 
     recipe = load_recipe(write_recipe(tiny_setup, "mask", tmp_path))
     tok = tiny_tokenizer()
