@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def write_report(run_dir: Path, name: str, timings: dict | None = None) -> Path:
-    from pipeline.train import read_metrics
+    from pipeline.trainer import read_metrics
 
     lines = [f"# {name}", ""]
     base = _summary(run_dir / "eval-base")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.trainer import plot_loss, read_metrics  # noqa: F401 - read_metrics: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -242,38 +243,3 @@ def finish_full(recipe, trainer, tokenizer, run_dir: Path):
     return trainer
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; after a resume, a re-run step replaces the row logged before the interruption."""
-    by_key: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            kind = "eval" if any(k.startswith("eval_") for k in row) else "train" if "loss" in row else "other"
-            by_key[(kind, row["step"])] = row
-    return sorted(by_key.values(), key=lambda r: r["step"])
-
-
-def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_path.exists():
-        return
-    rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)

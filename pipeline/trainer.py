@@ -110,3 +110,40 @@ def log_trainable(model) -> None:
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}",
                 100 * trainable / max(total, 1))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; after a resume, a re-run step replaces the row logged before the interruption."""
+    by_key: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            kind = "eval" if any(k.startswith("eval_") for k in row) else "train" if "loss" in row else "other"
+            by_key[(kind, row["step"])] = row
+    return sorted(by_key.values(), key=lambda r: r["step"])
+
+
+def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

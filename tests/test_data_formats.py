@@ -4,9 +4,7 @@ chat template, and a chat recipe trained and evaluated through `pipeline run` (t
 import json
 
 import pytest
-from helpers import tiny_llama, tiny_tokenizer
-from test_data import data_cfg, write_jsonl
-from test_train import gsm8k_rows, write_recipe
+from helpers import data_cfg, gsm8k_rows, tiny_llama, tiny_tokenizer, write_jsonl, write_recipe
 
 from pipeline import data
 from pipeline.adapter_meta import AdapterMeta

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ALL_LINEAR, tiny_llama, tiny_tokenizer
+from helpers import ALL_LINEAR, VOCAB, make_run, perturb, tiny_llama, tiny_tokenizer
 from peft import get_peft_model
 from safetensors import safe_open
 from tests_paths import ROOT
@@ -15,39 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli
-from pipeline.edora import EdoraConfig, Linear
-
-VOCAB = 300
-
-
-def perturb(model, sigma=0.05):
-    """Training stand-in: R and m away from their init so the merge has something to fold in."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, Linear)):
-            r = layer.edora_R["default"]
-            r.copy_(torch.randn(r.shape, generator=gen) * sigma)
-            if "default" in layer.edora_magnitude:
-                mag = layer.edora_magnitude["default"]
-                mag.mul_(1 + 0.05 * torch.randn(mag.shape, generator=gen))
-
-
-def make_run(root, use_magnitude=True, **base_kw):
-    """root/base (tiny Llama + tokenizer) and root/run/adapter; returns (base dir, adapter dir, input ids, logits)."""
-    base = tiny_llama(seed=0, vocab=VOCAB, **base_kw)
-    base.save_pretrained(root / "base")
-    tiny_tokenizer(root / "base", vocab_size=VOCAB)
-    model = get_peft_model(base, EdoraConfig(r=4, target_modules=ALL_LINEAR, seed=3, use_magnitude=use_magnitude))
-    perturb(model)
-    model.save_pretrained(root / "run" / "adapter")
-    cfg_path = root / "run" / "adapter" / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(root / "base")
-    cfg_path.write_text(json.dumps(cfg))
-    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(x).logits
-    return root / "base", root / "run" / "adapter", x, logits
+from pipeline.edora import EdoraConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import VOCAB, make_run, tiny_llama
 from safetensors.torch import load_file, save_file
-from test_merge import VOCAB, make_run
 
 from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli

@@ -13,11 +13,11 @@ import sys
 
 import pytest
 import yaml
-from test_train import gsm8k_rows, tiny_setup, write_recipe  # noqa: F401 - tiny_setup is a fixture
+from helpers import gsm8k_rows, write_recipe
 from tests_paths import ROOT
 
 from pipeline.cli import main as cli
-from pipeline.train import read_metrics
+from pipeline.trainer import read_metrics
 
 
 class Records(logging.Handler):

@@ -91,8 +91,6 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     if adapter.peft_type not in ("EDORA", "LORA"):
         raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
                         "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
-    from .checks import check_tensor_types
-
     check_tensor_types(adapter.peft_type, _tensor_keys(tensor_file), tensor_file)
     if adapter.peft_type == "EDORA":
         _index_edora_keys(adapter)
@@ -158,3 +156,19 @@ def read_quant_info(adapter_dir: Path) -> QuantInfo | None:
 
 def has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+
+
+def check_tensor_types(peft_type: str, keys: list[str], tensor_file: Path) -> None:
+    """adapter_config.json's peft_type must match the tensors: an edited or mixed-up config never merges as a no-op."""
+    edora = [k for k in keys if ".edora_" in k]
+    lora = [k for k in keys if ".lora_" in k]
+    if peft_type == "EDORA" and lora:
+        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type EDORA but {tensor_file.name} holds "
+                        f"LoRA tensors (e.g. {lora[0]}): the config does not belong to these weights")
+    if peft_type != "EDORA" and edora:
+        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type {peft_type} but {tensor_file.name} "
+                        f"holds EDoRA tensors (e.g. {edora[0]}): the config was edited or mixed up. Restore "
+                        "\"peft_type\": \"EDORA\" (the adapter dir training wrote)")
+    if peft_type == "LORA" and not lora:
+        raise UserError(f"{tensor_file} holds no LoRA tensors (lora_A/lora_B) although adapter_config.json says "
+                        "peft_type LORA: the adapter is empty or damaged")

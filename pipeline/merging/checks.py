@@ -3,7 +3,6 @@
 - `check_out_dir`: --out never replaces a run, a base model or the adapter being read; --overwrite replaces only a
   previous merge output (a dir with merge_report.json).
 - `clean_stale_partials`: hidden work dirs left by killed merges are removed (their pid is gone) or reported.
-- `check_tensor_types`: the adapter type in adapter_config.json matches the tensors in the file.
 - `check_factors`: the saved EDoRA row norms and SVD factors match this base weight (Bᵀ W0 Aᵀ = A Aᵀ), a
   fingerprint of the base the adapter was trained on that equal row norms or 10% noise cannot pass.
 - `check_formula`: the written merged weights equal (m / n) ⊙_row (W0 + s·B R A), recomputed in float64 from the
@@ -92,22 +91,6 @@ def clean_stale_partials(out: Path) -> list[str]:
         logger.warning("removed %s (%.1f MB) left by a merge that was killed (pid %d)", p, size / 1e6, pid)
         removed.append(p.name)
     return removed
-
-
-def check_tensor_types(peft_type: str, keys: list[str], tensor_file: Path) -> None:
-    """adapter_config.json's peft_type must match the tensors: an edited or mixed-up config never merges as a no-op."""
-    edora = [k for k in keys if ".edora_" in k]
-    lora = [k for k in keys if ".lora_" in k]
-    if peft_type == "EDORA" and lora:
-        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type EDORA but {tensor_file.name} holds "
-                        f"LoRA tensors (e.g. {lora[0]}): the config does not belong to these weights")
-    if peft_type != "EDORA" and edora:
-        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type {peft_type} but {tensor_file.name} "
-                        f"holds EDoRA tensors (e.g. {edora[0]}): the config was edited or mixed up. Restore "
-                        "\"peft_type\": \"EDORA\" (the adapter dir training wrote)")
-    if peft_type == "LORA" and not lora:
-        raise UserError(f"{tensor_file} holds no LoRA tensors (lora_A/lora_B) although adapter_config.json says "
-                        "peft_type LORA: the adapter is empty or damaged")
 
 
 def factor_residual(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, svd_target: str) -> float:
