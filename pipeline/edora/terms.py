@@ -1,4 +1,4 @@
-"""EDoRA's derived terms as pure functions, one definition each (fp32 in, fp32 out).
+"""EDoRA's derived terms as pure functions, one definition each (fp32 by default; the merge's checks redo them in fp64).
 
 Used by the layer (init, ZeRO-3 broadcast, reload), the layer's merge/unmerge and the streamed merge of
 `pipeline merge`. The per-step row norm from these terms is `ops.factored_row_norm`.
@@ -11,24 +11,24 @@ from typing import Optional
 import torch
 
 
-def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device=device, dtype=torch.float32)
+def _f32(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype)
 
 
-def gram(a: torch.Tensor) -> torch.Tensor:
+def gram(a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """G = A Aᵀ `[r, r]`."""
-    a = a.to(torch.float32)
+    a = a.to(dtype)
     return a @ a.T
 
 
-def projection(w0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def projection(w0: torch.Tensor, a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """P = W0 Aᵀ `[out, r]` (on W0's device)."""
-    return w0.to(torch.float32) @ _f32(a, w0.device).T
+    return w0.to(dtype) @ _f32(a, w0.device, dtype).T
 
 
-def row_norm2(w0: torch.Tensor) -> torch.Tensor:
+def row_norm2(w0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """||W0_i||² per output row `[out]`."""
-    w0 = w0.to(torch.float32)
+    w0 = w0.to(dtype)
     return (w0 * w0).sum(dim=1)
 
 
@@ -40,15 +40,16 @@ def fingerprint_deviation(saved_norm2: torch.Tensor, base_norm2: torch.Tensor) -
 
 @torch.no_grad()
 def merged_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, m: Optional[torch.Tensor],
-                  s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', n): W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1)."""
-    w0 = w0.to(torch.float32)
+                  s: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', n): W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1). Rows of W0
+    with the matching rows of B and m give those rows of W'."""
+    w0 = w0.to(dtype)
     dev = w0.device
-    w = w0 + s * ((_f32(b, dev) @ _f32(r, dev)) @ _f32(a, dev))
+    w = w0 + s * ((_f32(b, dev, dtype) @ _f32(r, dev, dtype)) @ _f32(a, dev, dtype))
     if m is None:
-        return w, torch.ones(w.shape[0], device=dev)
+        return w, torch.ones(w.shape[0], device=dev, dtype=dtype)
     n = w.norm(dim=1)
-    return w * (_f32(m, dev) / n)[:, None], n
+    return w * (_f32(m, dev, dtype) / n)[:, None], n
 
 
 @torch.no_grad()

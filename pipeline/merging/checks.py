@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.edora import terms
 from pipeline.errors import UserError
 from pipeline.runstate import pid_alive
 
@@ -100,15 +101,14 @@ def factor_residual(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, svd_targ
     t = w0.double()
     if svd_target == "direction":
         t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    a, b = a.double(), b.double()
-    gram = a @ a.T
-    return ((b.T @ t @ a.T - gram).norm() / gram.norm().clamp_min(1e-300)).item()
+    g = terms.gram(a, torch.float64)
+    return ((b.double().T @ terms.projection(t, a, torch.float64) - g).norm() / g.norm().clamp_min(1e-300)).item()
 
 
 def row_norm_residual(w0: torch.Tensor, row_norm2: torch.Tensor) -> float:
     """Largest relative difference between this weight's row norms and the ones saved at training."""
     saved = row_norm2.double().sqrt()
-    return ((w0.double().norm(dim=1) - saved).abs() / saved.clamp_min(1e-300)).max().item()
+    return ((terms.row_norm2(w0, torch.float64).sqrt() - saved).abs() / saved.clamp_min(1e-300)).max().item()
 
 
 def check_factors(module: str, w0: torch.Tensor, f: dict, adapter, tol: dict) -> float:
@@ -144,10 +144,8 @@ def factor_tolerance(adapter) -> dict:
 def formula_rows(w0_rows: torch.Tensor, f: dict, scaling: float, use_magnitude: bool,
                  rows: slice) -> torch.Tensor:
     """(m / n) ⊙_row (W0 + s·B R A) for some rows, in float64 (a row's norm needs only that row)."""
-    w = w0_rows.double() + scaling * (f["edora_B"][rows].double() @ f["edora_R"].double() @ f["edora_A"].double())
-    if not use_magnitude:
-        return w
-    return w * (f["edora_magnitude"][rows].double() / w.norm(dim=1))[:, None]
+    m = f["edora_magnitude"][rows] if use_magnitude else None
+    return terms.merged_weight(w0_rows, f["edora_A"], f["edora_B"][rows], f["edora_R"], m, scaling, torch.float64)[0]
 
 
 @torch.no_grad()
