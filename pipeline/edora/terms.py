@@ -1,4 +1,5 @@
-"""EDoRA's derived terms as pure functions, one definition each (fp32 by default; the merge's checks redo them in fp64).
+"""EDoRA's derived terms as pure functions, one definition each (fp32 by default; the merge's fingerprint check
+redoes G, P and the row norms in fp64; its formula check of the written weights is written out on purpose).
 
 Used by the layer (init, ZeRO-3 broadcast, reload), the layer's merge/unmerge and the streamed merge of
 `pipeline merge`. The per-step row norm from these terms is `ops.factored_row_norm`.
@@ -40,16 +41,15 @@ def fingerprint_deviation(saved_norm2: torch.Tensor, base_norm2: torch.Tensor) -
 
 @torch.no_grad()
 def merged_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, m: Optional[torch.Tensor],
-                  s: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', n): W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1). Rows of W0
-    with the matching rows of B and m give those rows of W'."""
-    w0 = w0.to(dtype)
+                  s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', n): W' = (m / n) ⊙_row (W0 + s·B R A) with n the direct row norm (m None: LoRA-XS, n = 1)."""
+    w0 = w0.to(torch.float32)
     dev = w0.device
-    w = w0 + s * ((_f32(b, dev, dtype) @ _f32(r, dev, dtype)) @ _f32(a, dev, dtype))
+    w = w0 + s * ((_f32(b, dev) @ _f32(r, dev)) @ _f32(a, dev))
     if m is None:
-        return w, torch.ones(w.shape[0], device=dev, dtype=dtype)
+        return w, torch.ones(w.shape[0], device=dev)
     n = w.norm(dim=1)
-    return w * (_f32(m, dev, dtype) / n)[:, None], n
+    return w * (_f32(m, dev) / n)[:, None], n
 
 
 @torch.no_grad()

@@ -144,8 +144,11 @@ def factor_tolerance(adapter) -> dict:
 def formula_rows(w0_rows: torch.Tensor, f: dict, scaling: float, use_magnitude: bool,
                  rows: slice) -> torch.Tensor:
     """(m / n) ⊙_row (W0 + s·B R A) for some rows, in float64 (a row's norm needs only that row)."""
-    m = f["edora_magnitude"][rows] if use_magnitude else None
-    return terms.merged_weight(w0_rows, f["edora_A"], f["edora_B"][rows], f["edora_R"], m, scaling, torch.float64)[0]
+    # written out here, not terms.merged_weight: this checks the merge's output, so it must not share its code
+    w = w0_rows.double() + scaling * (f["edora_B"][rows].double() @ f["edora_R"].double() @ f["edora_A"].double())
+    if not use_magnitude:
+        return w
+    return w * (f["edora_magnitude"][rows].double() / w.norm(dim=1))[:, None]
 
 
 @torch.no_grad()
