@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
+from pipeline.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend that cannot run (missing package, unreachable server); the message says what to do."""
 
 

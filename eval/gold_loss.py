@@ -7,7 +7,12 @@ forward pass per problem, no generation) and it moves even when a small model's 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def completion_nll(model, tokenizer, prompt: str, completion: str) -> tuple[float, int]:
@@ -46,3 +51,37 @@ def gold_loss(model, tokenizer, samples, desc: str = "gold-solution loss") -> di
         total, tokens = total + nll, tokens + n
     mean = total / tokens
     return {"n": len(pairs), "tokens": tokens, "loss": mean, "perplexity": math.exp(mean)}
+
+
+def gold_losses(out_dir: Path, model_spec: str, tasks: list, samples: dict, backend) -> dict:
+    """Gold-solution loss per task, kept in gold_loss.json (recomputed only for other problems or another model)."""
+    from eval.gold_loss import gold_loss
+
+    path = out_dir / "gold_loss.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    out, model, tokenizer = {}, None, None
+    for task in tasks:
+        ids = [s.id for s in samples[task.name]]
+        hit = cache.get(task.name)
+        if hit and hit.get("model") == model_spec and hit.get("ids") == ids:
+            out[task.name] = hit["result"]
+            continue
+        if model is None:
+            if backend is not None and hasattr(backend, "model"):  # the hf backend: reuse the loaded model
+                model, tokenizer = backend.model, backend.tokenizer
+            else:
+                import torch
+
+                from pipeline.modeling import load_model, load_tokenizer
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                tokenizer = load_tokenizer(model_spec)
+                model = load_model(model_spec, "bfloat16" if device == "cuda" else "float32").to(device).eval()
+        result = gold_loss(model, tokenizer, samples[task.name], desc=f"{task.name} gold-solution loss")
+        cache[task.name] = {"model": model_spec, "ids": ids, "result": result}
+        path.write_text(json.dumps(cache) + "\n")
+        out[task.name] = result
+        if result:
+            logger.info("%s: gold-solution loss %.4f nats/token over %d problems", task.name, result["loss"],
+                        result["n"])
+    return out

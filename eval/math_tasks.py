@@ -10,7 +10,7 @@ import ast
 import re
 
 from eval import extract, grading
-from eval.tasks import Sample, Task, math_sample, math_score
+from eval.task_types import Sample, Task, math_sample, math_score
 
 CHOICE_HEADER = "What of the following is the right choice? Explain your answer."  # Qwen2.5-Math's wording
 LETTERS = "ABCDE"

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,3 +62,37 @@ class SampleWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def graded_row(task, sample, completion: str, tokens: int | None, backend: str) -> dict:
+    """One samples.jsonl row: the sample, the completion and its scores."""
+    return {"task": task.name, "id": sample.id, "question": sample.question, "gold": sample.gold,
+            "subject": sample.subject, "level": sample.level, "completion": completion, "generated_tokens": tokens,
+            "backend": backend, "scores": task.score(sample, completion)}
+
+
+def check_run_config(path: Path, run: dict, has_results: bool) -> None:
+    """Refuse to mix samples made with another model, data or sampling into one samples.jsonl."""
+    if not path.exists() or not has_results:
+        path.write_text(json.dumps(run, indent=2) + "\n")
+        return
+    old = json.loads(path.read_text())
+    problems = []
+    if old["model"] != run["model"]:
+        problems.append(f"model was {old['model']!r}, now {run['model']!r}")
+    for key, what in (("served_model", "the server serves"), ("model_fingerprint", "weights fingerprint")):
+        if old.get(key) and run.get(key) and old[key] != run[key]:
+            problems.append(f"{what} was {old[key]!r}, now {run[key]!r} (other weights under the same name)")
+    for name, cfg in run["tasks"].items():
+        prev = old["tasks"].get(name)
+        if prev is None:
+            continue
+        for key in ("data_sha256", "sampling", "prompt"):
+            if prev[key] != cfg[key]:
+                problems.append(f"{name} {key} was {prev[key]!r}, now {cfg[key]!r}")
+    if problems:
+        raise UserError(f"{path.parent} holds results made with other settings ({'; '.join(problems)}). "
+                        "Use another --out, or delete that dir to start over")
+    old["tasks"].update(run["tasks"])
+    old.update({k: run[k] for k in ("served_model", "model_fingerprint") if run.get(k)})
+    path.write_text(json.dumps(old, indent=2) + "\n")

@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from pipeline.errors import UserError  # noqa: F401 - re-exported: the base every command's errors derive from
+
 # command -> (module, one-line help)
 COMMANDS = {
     "train": ("pipeline.train", "fine-tune a model from a recipe (TRL SFTTrainer + EDoRA)"),
@@ -27,10 +29,6 @@ COMMANDS = {
 # Commands that read a recipe and take `--section.key=value` overrides after their own flags.
 TAKES_OVERRIDES = ("train", "validate", "run")
 _SUBPARSERS: dict = {}
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

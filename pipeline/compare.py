@@ -16,7 +16,7 @@ import math
 from itertools import combinations
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

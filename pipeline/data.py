@@ -14,61 +14,23 @@ import logging
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.prompts import ANSWER_PREFIX, metamath_train_prompt
+from pipeline.specs import LOCAL_SUFFIXES, Split, parse_split  # noqa: F401 - Split, parse_split: re-exported
 
 if TYPE_CHECKING:
-    from pipeline.recipe import DataConfig
+    from pipeline.recipe_schema import DataConfig
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 FIELDS = {"metamathqa": ("query", "response"), "gsm8k": ("question", "answer"), "math": ("problem", "solution"),
           "alpaca": ("instruction", "output"), "messages": ("messages", None)}
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_EXAMPLES = 5  # malformed rows named in logs and stats
-_SPLIT = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
 _CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: 48/2 = <<48/2=24>>24
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Splits
-
-
-@dataclass(frozen=True)
-class Split:
-    name: str
-    start: str | None = None  # "100", "-5", "10%" or None
-    stop: str | None = None
-
-    def bounds(self, n: int) -> tuple[int, int]:
-        """[start, stop) row indices of this slice in a split of n rows (Python slice semantics)."""
-
-        def index(bound: str | None, default: int) -> int:
-            if bound is None:
-                return default
-            value = round(n * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
-            return value + n if value < 0 else value
-
-        start, stop = index(self.start, 0), index(self.stop, n)
-        start, stop = min(max(start, 0), n), min(max(stop, 0), n)
-        return start, max(start, stop)
-
-
-def parse_split(split: str) -> Split:
-    """`train`, `train[:100000]`, `train[1000:]`, `test[-100:]`, `train[:10%]` -> Split; ValueError otherwise."""
-    match = _SPLIT.fullmatch(split.strip()) if isinstance(split, str) else None
-    if not match:
-        raise ValueError(f"{split!r} is not a split; write a name with an optional slice, e.g. 'train' or "
-                         f"'train[:100000]' or 'train[10%:20%]'")
-    for bound in (match["start"], match["stop"]):
-        if bound and bound.endswith("%") and not 0 <= int(bound[:-1]) <= 100:
-            raise ValueError(f"{split!r}: a percentage must be between 0% and 100%")
-    return Split(match["name"], match["start"], match["stop"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

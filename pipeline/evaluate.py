@@ -12,10 +12,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
+from pipeline.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +72,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scores are then not comparable to published ones")
 
 
-def _parse_args(args) -> tuple[list, dict[str, str]]:
-    """Tasks and data files, every problem reported at once."""
+@dataclass
+class EvalRequest:
+    """What to evaluate and how: the eval command's options, typed (the fields are its flags' names)."""
+
+    model: str | None = None
+    tasks: str = "gsm8k,math"
+    backend: str = "vllm"
+    out: str | None = None
+    limit: int | None = None
+    data_file: list[str] = field(default_factory=list)  # TASK=PATH
+    predictions: str | None = None
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = None
+    request_timeout: float = 300.0
+    attempts: int = 3
+    tensor_parallel_size: int = 1
+    batch_size: int | None = None
+    prompt: str = "auto"
+    gold_loss: bool = False
+    max_tokens: int | None = None
+
+
+def main(args) -> int:
+    _evaluate(EvalRequest(**{f.name: getattr(args, f.name) for f in fields(EvalRequest)}), list(args.overrides))
+    return 0
+
+
+def evaluate(model: str | None, tasks: str | Sequence[str], backend: str = "vllm", out: str | Path | None = None, *,
+             limit: int | None = None, data_files: Mapping[str, str] | Sequence[str] = (),
+             predictions: str | None = None, max_tokens: int | None = None, batch_size: int | None = None,
+             gold_loss: bool = False, prompt: str = "auto", tensor_parallel_size: int = 1,
+             base_url: str = DEFAULT_BASE_URL, api_key: str | None = None, request_timeout: float = 300.0,
+             attempts: int = 3) -> dict:
+    """Evaluate `model` (or the saved completions in `predictions`) on `tasks` ("gsm8k,math" or a list; "suite"
+    = every shipped set); writes samples.jsonl, run.json, summary.json and report.md to `out` and returns the
+    summary. `data_files`: {task: path} or TASK=PATH strings. Raises UserError for bad input."""
+    specs = [f"{t}={p}" for t, p in data_files.items()] if isinstance(data_files, Mapping) else list(data_files)
+    req = EvalRequest(model=model, tasks=tasks if isinstance(tasks, str) else ",".join(tasks), backend=backend,
+                      out=None if out is None else str(out), limit=limit, data_file=specs, predictions=predictions,
+                      base_url=base_url, api_key=api_key, request_timeout=request_timeout, attempts=attempts,
+                      tensor_parallel_size=tensor_parallel_size, batch_size=batch_size, prompt=prompt,
+                      gold_loss=gold_loss, max_tokens=max_tokens)
+    return _evaluate(req, [])
+
+
+def _parse_args(req: EvalRequest, unknown: list[str]) -> tuple[list, dict[str, str]]:
+    """Tasks and data files, every problem reported at once (`unknown`: command-line arguments argparse did not know)."""
     from eval.tasks import SUITE, TASKS, DataError, resolve_data_file
 
     errors = []
-    if getattr(args, "overrides", None):
-        errors.append(f"unknown arguments {' '.join(args.overrides)}; see `python -m pipeline eval --help`")
+    if unknown:
+        errors.append(f"unknown arguments {' '.join(unknown)}; see `python -m pipeline eval --help`")
     names = []
-    for name in (t.strip() for t in args.tasks.split(",") if t.strip()):
+    for name in (t.strip() for t in req.tasks.split(",") if t.strip()):
         for n in SUITE if name == "suite" else [name]:
             if n not in names:
                 names.append(n)
@@ -87,12 +135,12 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
     if not names:
         errors.append("--tasks is empty; choose from " + ", ".join(TASKS))
     data_files = {}
-    for spec in args.data_file:
+    for spec in req.data_file:
         task, sep, path = spec.partition("=")
         if not sep or not path:
             errors.append(f"--data-file {spec!r}: expected TASK=PATH, e.g. gsm8k=data/test.jsonl")
         elif task not in names:
-            errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {args.tasks}")
+            errors.append(f"--data-file {spec!r}: task {task!r} is not in --tasks {req.tasks}")
         else:
             try:
                 resolved = resolve_data_file(path)
@@ -103,90 +151,60 @@ def _parse_args(args) -> tuple[list, dict[str, str]]:
                 errors.append(f"--data-file {spec!r}: file {resolved} does not exist")
             else:
                 data_files[task] = str(resolved)
-    if args.predictions:
-        if not Path(args.predictions).is_file():
-            errors.append(f"--predictions: file {args.predictions} does not exist")
-    elif not args.model:
+    if req.predictions:
+        if not Path(req.predictions).is_file():
+            errors.append(f"--predictions: file {req.predictions} does not exist")
+    elif not req.model:
         errors.append("--model is required (a checkpoint dir or hub id), unless you grade saved completions with "
                       "--predictions FILE.jsonl")
-    elif args.model.startswith("pkg://"):  # the spelling recipes accept: a file inside an installed package
+    elif req.model.startswith("pkg://"):  # the spelling recipes accept: a file inside an installed package
         try:
-            args.model = str(resolve_data_file(args.model))
+            req.model = str(resolve_data_file(req.model))
         except DataError as err:
             errors.append(f"--model: {err}")
-    if args.gold_loss and args.predictions:
+    if req.gold_loss and req.predictions:
         errors.append("--gold-loss needs a model (--model), not --predictions")
-    if args.limit is not None and args.limit <= 0:
-        errors.append(f"--limit {args.limit}: must be a positive number of samples")
-    if args.max_tokens is not None and args.max_tokens <= 0:
-        errors.append(f"--max-tokens {args.max_tokens}: must be positive")
-    if args.batch_size is not None and args.batch_size <= 0:
-        errors.append(f"--batch-size {args.batch_size}: must be positive")
-    if not args.request_timeout > 0:
-        errors.append(f"--request-timeout {args.request_timeout}: must be a positive number of seconds")
-    if args.attempts < 1:
-        errors.append(f"--attempts {args.attempts}: must be >= 1")
-    if args.model and not args.predictions and (Path(args.model) / "adapter_config.json").is_file():
-        errors.append(f"--model {args.model} is an adapter dir; evaluation needs a merged checkpoint. Merge it first: "
-                      f"python -m pipeline merge --adapter {args.model}  (then pass the 'merged' dir it prints)")
+    if req.limit is not None and req.limit <= 0:
+        errors.append(f"--limit {req.limit}: must be a positive number of samples")
+    if req.max_tokens is not None and req.max_tokens <= 0:
+        errors.append(f"--max-tokens {req.max_tokens}: must be positive")
+    if req.batch_size is not None and req.batch_size <= 0:
+        errors.append(f"--batch-size {req.batch_size}: must be positive")
+    if not req.request_timeout > 0:
+        errors.append(f"--request-timeout {req.request_timeout}: must be a positive number of seconds")
+    if req.attempts < 1:
+        errors.append(f"--attempts {req.attempts}: must be >= 1")
+    if req.model and not req.predictions and (Path(req.model) / "adapter_config.json").is_file():
+        errors.append(f"--model {req.model} is an adapter dir; evaluation needs a merged checkpoint. Merge it first: "
+                      f"python -m pipeline merge --adapter {req.model}  (then pass the 'merged' dir it prints)")
     if errors:
         raise UserError("\n  ".join(["invalid eval arguments:"] + errors))
     return [TASKS[n] for n in names], data_files
 
 
-def default_out(args) -> Path:
-    if args.predictions:
-        return Path("runs/eval") / (Path(args.predictions).stem + "-graded")
-    model = Path(args.model)
-    if model.is_dir() and model.name == "merged":  # runs/<name>/merged -> runs/<name>/eval
-        return model.parent / "eval"
-    return Path("runs/eval") / model.name.replace("/", "--")
+def default_out(req: EvalRequest) -> Path:
+    if req.predictions:
+        return Path("runs/eval") / (Path(req.predictions).stem + "-graded")
+    run_dir = ModelSpec.parse(req.model).run_dir
+    if run_dir is not None:  # runs/<name>/merged -> runs/<name>/eval
+        return run_dir / "eval"
+    return Path("runs/eval") / Path(req.model).name.replace("/", "--")
 
 
-def _check_run_config(path: Path, run: dict, has_results: bool) -> None:
-    """Refuse to mix samples made with another model, data or sampling into one samples.jsonl."""
-    if not path.exists() or not has_results:
-        path.write_text(json.dumps(run, indent=2) + "\n")
-        return
-    old = json.loads(path.read_text())
-    problems = []
-    if old["model"] != run["model"]:
-        problems.append(f"model was {old['model']!r}, now {run['model']!r}")
-    for key, what in (("served_model", "the server serves"), ("model_fingerprint", "weights fingerprint")):
-        if old.get(key) and run.get(key) and old[key] != run[key]:
-            problems.append(f"{what} was {old[key]!r}, now {run[key]!r} (other weights under the same name)")
-    for name, cfg in run["tasks"].items():
-        prev = old["tasks"].get(name)
-        if prev is None:
-            continue
-        for key in ("data_sha256", "sampling", "prompt"):
-            if prev[key] != cfg[key]:
-                problems.append(f"{name} {key} was {prev[key]!r}, now {cfg[key]!r}")
-    if problems:
-        raise UserError(f"{path.parent} holds results made with other settings ({'; '.join(problems)}). "
-                        "Use another --out, or delete that dir to start over")
-    old["tasks"].update(run["tasks"])
-    old.update({k: run[k] for k in ("served_model", "model_fingerprint") if run.get(k)})
-    path.write_text(json.dumps(old, indent=2) + "\n")
-
-
-def identify_model(args, ask_server: bool = True):
+def identify_model(req: EvalRequest, ask_server: bool = True):
     """(openai backend or None, {served_model, model_fingerprint}): what will produce the results, recorded in
     run.json and summary.json and checked on resume. The openai backend is made here to ask the server (only when
     something is left to generate: a finished run regenerates its summary without a server)."""
-    from eval.backends import BackendError, make_backend
+    from eval.backends import make_backend
     from eval.fingerprint import weights_fingerprint
 
-    if args.predictions:
+    if req.predictions:
         return None, {}
-    backend, served, local = None, None, Path(args.model)
-    if args.backend == "openai" and ask_server:
-        try:
-            backend = make_backend("openai", args.model, batch_size=args.batch_size, tensor_parallel_size=1,
-                                   base_url=args.base_url, api_key=args.api_key, timeout_s=args.request_timeout,
-                                   attempts=args.attempts)
-        except BackendError as e:
-            raise UserError(str(e)) from None
+    backend, served, local = None, None, Path(req.model)
+    if req.backend == "openai" and ask_server:
+        backend = make_backend("openai", req.model, batch_size=req.batch_size, tensor_parallel_size=1,
+                               base_url=req.base_url, api_key=req.api_key, timeout_s=req.request_timeout,
+                               attempts=req.attempts)
         served = backend.model
         root = backend.roots.get(served)
         if not local.is_dir() and root and Path(root).is_dir():
@@ -194,169 +212,43 @@ def identify_model(args, ask_server: bool = True):
     return backend, {"served_model": served, "model_fingerprint": weights_fingerprint(local)}
 
 
-def trained_prompt_format(model: str | None) -> str | None:
-    """The prompt format a training run recorded for this model (runs/<name>/adapter/edora_meta.json), if any."""
-    if not model or not Path(model).is_dir():
-        return None
-    for meta in (Path(model) / "edora_meta.json", Path(model).parent / "adapter" / "edora_meta.json"):
-        if meta.is_file():
-            return json.loads(meta.read_text()).get("prompt_format")
-    stats = Path(model).parent / "data_stats.json"  # a full fine-tune (runs/<name>/merged) has no adapter meta
-    if Path(model).name == "merged" and stats.is_file():
-        formats = json.loads(stats.read_text())["train"]["format"]
-        return "chat" if "messages" in (formats if isinstance(formats, list) else [formats]) else "metamath"
-    return None
-
-
-def chat_renderer(model: str):
-    """(render(question) -> text, the template): the question as one user turn in the model's chat template, with the
-    generation prompt. A leading BOS is dropped: the backends' tokenizers add it again."""
-    from pipeline.modeling import load_tokenizer
-
-    try:
-        tok = load_tokenizer(model)
-    except OSError as e:
-        raise UserError(f"--prompt chat needs the model's tokenizer: {e}") from None
-    template = getattr(tok, "chat_template", None)
-    if not template:
-        raise UserError(f"--prompt chat: the tokenizer of {model} has no chat template; use --prompt metamath")
-
-    def render(question: str) -> str:
-        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True)
-        return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
-
-    return render, template
-
-
-def _graded_row(task, sample, completion: str, tokens: int | None, backend: str) -> dict:
-    return {"task": task.name, "id": sample.id, "question": sample.question, "gold": sample.gold,
-            "subject": sample.subject, "level": sample.level, "completion": completion, "generated_tokens": tokens,
-            "backend": backend, "scores": task.score(sample, completion)}
-
-
-def _read_predictions(path: Path, tasks: list, samples: dict[str, list]) -> dict[str, list[tuple[object, str]]]:
-    """Map each prediction row to (sample, completion) per task; rows naming unknown samples are errors."""
-    from eval.tasks import DataError, read_jsonl
-
-    by_id = {t.name: {s.id: s for s in samples[t.name]} for t in tasks}
-    by_question = {t.name: {s.question.strip(): s for s in samples[t.name]} for t in tasks}
-    out: dict[str, list] = {t.name: [] for t in tasks}
-    seen = set()
-    skipped = 0
-    try:
-        rows = read_jsonl(path)
-    except DataError as e:
-        raise UserError(str(e)) from None
-    for lineno, row in rows:
-        where = f"{path}:{lineno}"
-        if not isinstance(row.get("completion"), str):
-            raise UserError(f"{where}: no 'completion' string; each row needs 'completion' and 'id' or 'question'")
-        if "task" in row:
-            if row["task"] not in out:
-                skipped += 1  # e.g. a samples.jsonl with both tasks graded for one
-                continue
-            candidates = [row["task"]]
-        else:
-            candidates = list(out)
-        hits = []
-        for name in candidates:
-            if "id" in row:
-                hit = by_id[name].get(str(row["id"]))
-            elif isinstance(row.get("question"), str):
-                hit = by_question[name].get(row["question"].strip())
-            else:
-                raise UserError(f"{where}: no 'id' or 'question'; say which sample the completion answers")
-            if hit is not None:
-                hits.append((name, hit))
-        if not hits:
-            key = f"id {row['id']!r}" if "id" in row else f"question {row['question'][:60]!r}"
-            raise UserError(f"{where}: {key} matches no sample of {', '.join(candidates)}; check --tasks and "
-                            "--data-file (the predictions must be for the same data)")
-        if len(hits) > 1:
-            raise UserError(f"{where}: matches samples of several tasks ({', '.join(h[0] for h in hits)}); add a "
-                            "'task' field to each row")
-        name, sample = hits[0]
-        if (name, sample.id) in seen:
-            raise UserError(f"{where}: a second completion for {name} sample {sample.id!r}; keep one per sample")
-        seen.add((name, sample.id))
-        out[name].append((sample, row["completion"]))
-    if skipped:
-        logger.info("skipped %d prediction rows of tasks not in --tasks", skipped)
-    return out
-
-
-def _gold_losses(out_dir: Path, model_spec: str, tasks: list, samples: dict, backend) -> dict:
-    """Gold-solution loss per task, kept in gold_loss.json (recomputed only for other problems or another model)."""
-    from eval.gold_loss import gold_loss
-
-    path = out_dir / "gold_loss.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    out, model, tokenizer = {}, None, None
-    for task in tasks:
-        ids = [s.id for s in samples[task.name]]
-        hit = cache.get(task.name)
-        if hit and hit.get("model") == model_spec and hit.get("ids") == ids:
-            out[task.name] = hit["result"]
-            continue
-        if model is None:
-            if backend is not None and hasattr(backend, "model"):  # the hf backend: reuse the loaded model
-                model, tokenizer = backend.model, backend.tokenizer
-            else:
-                import torch
-
-                from pipeline.modeling import load_model, load_tokenizer
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                tokenizer = load_tokenizer(model_spec)
-                model = load_model(model_spec, "bfloat16" if device == "cuda" else "float32").to(device).eval()
-        result = gold_loss(model, tokenizer, samples[task.name], desc=f"{task.name} gold-solution loss")
-        cache[task.name] = {"model": model_spec, "ids": ids, "result": result}
-        path.write_text(json.dumps(cache) + "\n")
-        out[task.name] = result
-        if result:
-            logger.info("%s: gold-solution loss %.4f nats/token over %d problems", task.name, result["loss"],
-                        result["n"])
-    return out
-
-
-def main(args) -> int:
+def _evaluate(req: EvalRequest, unknown: list[str]) -> dict:
     from tqdm import tqdm
 
     from eval import report
-    from eval.backends import BackendError, Sampling, make_backend
-    from eval.samples import SampleWriter, load_done
-    from eval.tasks import DataError, load_samples
+    from eval.backends import Sampling, make_backend
+    from eval.gold_loss import gold_losses
+    from eval.predictions import read_predictions
+    from eval.prompting import chat_renderer, trained_prompt_format
+    from eval.samples import SampleWriter, check_run_config, graded_row, load_done
+    from eval.tasks import load_samples
     from pipeline.prompts import METAMATH_PROMPT
 
     started = time.time()
-    tasks, data_files = _parse_args(args)
-    out_dir = Path(args.out) if args.out else default_out(args)
-    if args.predictions and Path(args.predictions).resolve() == (out_dir / "samples.jsonl").resolve():
+    tasks, data_files = _parse_args(req, unknown)
+    out_dir = Path(req.out) if req.out else default_out(req)
+    if req.predictions and Path(req.predictions).resolve() == (out_dir / "samples.jsonl").resolve():
         raise UserError(f"--out {out_dir} would append to the --predictions file itself; pass another --out")
 
     # Data: the full task sets (predictions are matched against them), then --limit.
     all_samples, data_info = {}, {}
     for task in tasks:
-        try:
-            all_samples[task.name], data_info[task.name] = load_samples(task, data_files.get(task.name))
-        except DataError as e:
-            raise UserError(str(e)) from None
+        all_samples[task.name], data_info[task.name] = load_samples(task, data_files.get(task.name))
         logger.info("%s: %d samples from %s", task.name, len(all_samples[task.name]), data_info[task.name]["source"])
-    samples = {n: s[:args.limit] if args.limit else s for n, s in all_samples.items()}
-    prompt_format = args.prompt if args.prompt != "auto" else trained_prompt_format(args.model) or "metamath"
+    samples = {n: s[:req.limit] if req.limit else s for n, s in all_samples.items()}
+    prompt_format = req.prompt if req.prompt != "auto" else trained_prompt_format(req.model) or "metamath"
     render, prompt_text = None, METAMATH_PROMPT
-    if prompt_format == "chat" and not args.predictions:
-        render, template = chat_renderer(args.model)
+    if prompt_format == "chat" and not req.predictions:
+        render, template = chat_renderer(req.model)
         prompt_text = "chat template: " + template
-        logger.info("prompt: the question as a user turn in %s's chat template", args.model)
-    sampling = {t.name: Sampling(max_tokens=args.max_tokens or t.max_tokens, stop=tuple(t.stop)) for t in tasks}
+        logger.info("prompt: the question as a user turn in %s's chat template", req.model)
+    sampling = {t.name: Sampling(max_tokens=req.max_tokens or t.max_tokens, stop=tuple(t.stop)) for t in tasks}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_name = f"predictions:{Path(args.predictions).resolve()}" if args.predictions else args.model
+    model_name = f"predictions:{Path(req.predictions).resolve()}" if req.predictions else req.model
     run = {"model": model_name,
            "tasks": {t.name: {"data": data_info[t.name]["source"], "data_sha256": data_info[t.name]["sha256"],
-                              "sampling": None if args.predictions else sampling[t.name].to_dict(),
+                              "sampling": None if req.predictions else sampling[t.name].to_dict(),
                               "prompt": prompt_text} for t in tasks}}
     samples_path = out_dir / "samples.jsonl"
     try:
@@ -364,9 +256,9 @@ def main(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     pending = {n: [s for s in ss if (n, s.id) not in done] for n, ss in samples.items()}
-    backend, identity = identify_model(args, ask_server=any(pending.values()))
+    backend, identity = identify_model(req, ask_server=any(pending.values()))
     run.update(identity)
-    _check_run_config(out_dir / "run.json", run, has_results=bool(done))
+    check_run_config(out_dir / "run.json", run, has_results=bool(done))
     recorded = json.loads((out_dir / "run.json").read_text())  # what made the samples (kept from earlier runs)
     identity = {k: recorded.get(k) for k in ("served_model", "model_fingerprint")}
     n_done = sum(len(samples[n]) - len(p) for n, p in pending.items())
@@ -375,45 +267,39 @@ def main(args) -> int:
 
     gen_tokens, gen_seconds, backend = 0, 0.0, None
     with SampleWriter(samples_path) as writer:
-        if args.predictions:
-            matched = _read_predictions(Path(args.predictions), tasks, all_samples)
+        if req.predictions:
+            matched = read_predictions(Path(req.predictions), tasks, all_samples)
             wanted = {(n, s.id) for n, ss in pending.items() for s in ss}
             for task in tasks:
                 todo = [(s, c) for s, c in matched[task.name] if (task.name, s.id) in wanted]
                 for sample, completion in tqdm(todo, desc=f"grading {task.name}", disable=len(todo) < 200):
-                    row = _graded_row(task, sample, completion, None, "predictions")
+                    row = graded_row(task, sample, completion, None, "predictions")
                     writer.write(row)
                     done[(task.name, sample.id)] = row
         elif any(pending.values()):
-            try:
-                backend = backend or make_backend(args.backend, args.model, batch_size=args.batch_size,
-                                                  tensor_parallel_size=args.tensor_parallel_size,
-                                                  base_url=args.base_url, api_key=args.api_key,
-                                                  timeout_s=args.request_timeout, attempts=args.attempts)
-            except BackendError as e:
-                raise UserError(str(e)) from None
+            backend = backend or make_backend(req.backend, req.model, batch_size=req.batch_size,
+                                              tensor_parallel_size=req.tensor_parallel_size,
+                                              base_url=req.base_url, api_key=req.api_key,
+                                              timeout_s=req.request_timeout, attempts=req.attempts)
             for task in tasks:
                 todo = pending[task.name]
                 if not todo:
                     continue
-                logger.info("%s: generating %d completions with %s (%s)", task.name, len(todo), args.backend,
+                logger.info("%s: generating %d completions with %s (%s)", task.name, len(todo), req.backend,
                             sampling[task.name].to_dict())
                 t0 = time.time()
                 prompts = [render(s.question) if render else task.prompt(s) for s in todo]
                 results = backend.generate(prompts, sampling[task.name])
-                try:
-                    for i, completion, tokens in tqdm(results, total=len(todo), desc=f"{task.name} ({args.backend})"):
-                        row = _graded_row(task, todo[i], completion, tokens, args.backend)
-                        writer.write(row)
-                        done[(task.name, todo[i].id)] = row
-                        gen_tokens += tokens or 0
-                except BackendError as e:
-                    raise UserError(str(e)) from None
+                for i, completion, tokens in tqdm(results, total=len(todo), desc=f"{task.name} ({req.backend})"):
+                    row = graded_row(task, todo[i], completion, tokens, req.backend)
+                    writer.write(row)
+                    done[(task.name, todo[i].id)] = row
+                    gen_tokens += tokens or 0
                 gen_seconds += time.time() - t0
 
     gold = {}
-    if args.gold_loss:
-        gold = _gold_losses(out_dir, args.model, tasks, samples, backend)
+    if req.gold_loss:
+        gold = gold_losses(out_dir, req.model, tasks, samples, backend)
 
     # Summary over the selected samples that have a graded row (all of them, unless predictions were partial).
     summary_tasks, missing, backends_used = {}, {}, set()
@@ -429,9 +315,9 @@ def main(args) -> int:
             if gold.get(task.name):
                 summary_tasks[task.name]["gold_loss"] = gold[task.name]
     summary = {
-        "model": model_name, "backend": "+".join(sorted(backends_used)) or args.backend,
-        "sampling": None if args.predictions else {n: s.to_dict() for n, s in sampling.items()},
-        "prompt": prompt_text, "tasks": summary_tasks, "data": data_info, "limit": args.limit,
+        "model": model_name, "backend": "+".join(sorted(backends_used)) or req.backend,
+        "sampling": None if req.predictions else {n: s.to_dict() for n, s in sampling.items()},
+        "prompt": prompt_text, "tasks": summary_tasks, "data": data_info, "limit": req.limit,
         "wall_time_s": time.time() - started, "generation_time_s": gen_seconds, "generated_tokens": gen_tokens,
         "generated_tokens_per_s": gen_tokens / gen_seconds if gen_seconds else 0.0,
         "resumed_samples": n_done, "command": " ".join(redact_argv(sys.argv)), **identity,
@@ -443,8 +329,9 @@ def main(args) -> int:
         accs = ", ".join(f"{m} {100 * a:.2f}%" for m, a in t["accuracy"].items())
         logger.info("%s (n=%d): %s; no answer: %d", name, t["n"], accs, t["invalid"])
     logger.info("wrote %s (summary.json, report.md, samples.jsonl)", out_dir)
-    if not args.predictions and Path(args.model).name == "merged":  # runs/<name>/merged: the training's trackers
+    run_dir = None if req.predictions else ModelSpec.parse(req.model).run_dir
+    if run_dir is not None:  # runs/<name>/merged: the training's trackers
         from pipeline import trackers
 
-        trackers.log_eval(Path(args.model).parent, summary)
-    return 0
+        trackers.log_eval(run_dir, summary)
+    return summary

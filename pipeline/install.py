@@ -56,7 +56,7 @@ def commands(torch_choice: str, installed: str | None, has_gpu: bool) -> list[li
 
 
 def main(args) -> int:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     if getattr(args, "overrides", None):
         raise UserError(f"unknown arguments {' '.join(args.overrides)}; see `python -m pipeline setup --help`")

@@ -10,7 +10,7 @@ complete-looking dir.
 
 Verification (on by default, `--no-verify` skips it): the adapter model (base + adapter through PEFT) and the
 merged model run on the same fixed prompts, one after the other; the max |logit difference| must stay within
-TOLERANCES for the output dtype, relative to the largest |logit| of the reference, and the argmax agreement must
+TOLERANCES (pipeline/merging/verify.py) for the output dtype, relative to the largest |logit| of the reference, and the argmax agreement must
 reach MIN_AGREEMENT. Measured on CPU (max |diff| / max |logit|, argmax agreement), tiny random Llama and
 SmolLM2-135M with an r=8 adapter: float32 3.8e-7 / 4.0e-6 (100%), bfloat16 8.2e-3 / 4.4e-2 (99.4% / 97.4%),
 float16 1.0e-3 / 6.2e-3 (100%).
@@ -32,18 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.dtypes import FLOAT_DTYPES
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Max |logit difference| (merged vs adapter model) / max |logit| of the adapter model, per output dtype, and the least
-# share of positions whose argmax must agree. Relative, because the difference scales with the logits (SmolLM2's
-# reach 35, a tiny random model's 0.7). Worst measured (module docstring): fp32 4.0e-6, bf16 4.4e-2, fp16 6.2e-3;
-# the limits leave 3-25x margin. In 16 bits the difference is the rounding of the merged weights vs the adapter
-# path's own rounding, so it grows with depth; a wrong merge moves logits by far more.
-TOLERANCES = {"float32": 1e-4, "bfloat16": 0.15, "float16": 0.03}
-MIN_AGREEMENT = {"float32": 0.99, "bfloat16": 0.9, "float16": 0.95}
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +45,7 @@ def add_arguments(parser) -> None:
                         help="base model: hub id, local dir, .gguf file or pkg://module/file (default: "
                              "base_model_name_or_path from the adapter's adapter_config.json)")
     parser.add_argument("--out", default=None, help="output dir (default: 'merged' beside the adapter dir)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                         help="dtype of the merged checkpoint (default: the base checkpoint's, else bfloat16)")
     parser.add_argument("--into", choices=("full", "dequantized"), default="full",
                         help="for adapters trained on a 4-bit base: merge into the full-precision base weights "
@@ -85,23 +78,23 @@ def peak_rss_gib() -> float:
 
 def resolve_base(spec: str) -> tuple[str, Path | None]:
     """(spec to load with transformers, local dir with safetensors or None). Hub ids are downloaded (cached)."""
-    from pipeline.recipe import resolve_path
+    from pipeline.specs import ModelSpec
 
-    if spec.startswith("pkg://") or spec.endswith(".gguf"):
-        try:
-            path = resolve_path(spec)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from e
-        if not path.exists():
-            raise UserError(f"base {spec}: {path} does not exist")
-        return str(path), None
-    p = Path(spec).expanduser()
-    if p.exists():
+    try:
+        model = ModelSpec.parse(spec)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    if model.kind == "gguf" or (model.kind == "missing" and (spec.startswith("pkg://") or spec.endswith(".gguf"))):
+        if model.kind == "missing":
+            raise UserError(f"base {spec}: {model.path} does not exist")
+        return str(model.path), None
+    if model.kind == "dir":
+        p = model.path
         has_st = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
         if not (p / "config.json").is_file():
             raise UserError(f"base {p} has no config.json: not a Hugging Face model dir")
         return str(p), (p if has_st else None)
-    if spec.startswith(("/", "./", "../", "~")):
+    if model.kind == "missing":
         raise UserError(f"base {spec} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -119,7 +112,7 @@ def base_dtype_name(base_dir: Path | None) -> str | None:
         return None
     cfg = json.loads((base_dir / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return name if name in DTYPES else None
+    return name if name in FLOAT_DTYPES else None
 
 
 def copy_tokenizer(adapter_dir: Path, base_spec: str, base_dir: Path | None, out: Path) -> str:
@@ -155,33 +148,51 @@ def write_config(base_dir: Path, out: Path, dtype: str) -> None:
 
 
 def main(args) -> int:
+    merge(args.adapter, args.out, base=args.base, dtype=args.dtype, into=args.into, verify=args.verify,
+          verify_device=args.verify_device, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(Path(args.out) if args.out else default_out(Path(args.adapter)))
+    return 0
+
+
+def default_out(adapter_dir: Path) -> Path:
+    """Where a merge writes by default: 'merged' beside the adapter dir (runs/<name>/merged)."""
+    return adapter_dir.parent / "merged"
+
+
+def merge(adapter: str | Path, out: str | Path | None = None, base: str | None = None, dtype: str | None = None,
+          into: str = "full", verify: bool = True, verify_device: str = "auto", max_shard_size: str = "4GB",
+          overwrite: bool = False) -> dict:
+    """Merge the adapter dir into its base (default: the one adapter_config.json names) and write a plain checkpoint
+    to `out` (default: 'merged' beside the adapter); returns the merge report (merge_report.json). Raises UserError
+    for bad input and when the verification fails."""
     import torch
 
     import pipeline.edora  # noqa: F401 - registers EDoRA with PEFT (verification loads the adapter through PEFT)
     from pipeline.merging.adapter import read_adapter
     from pipeline.merging.checks import check_base_fingerprint, check_out_dir, clean_stale_partials
+    from pipeline.merging.verify import verify_merge
 
     t_start = time.perf_counter()
-    adapter = read_adapter(args.adapter)
-    base_spec = args.base or adapter.config.get("base_model_name_or_path")
+    adapter = read_adapter(adapter)
+    base_spec = base or adapter.config.get("base_model_name_or_path")
     if not base_spec:
         raise UserError(f"{adapter.dir}/adapter_config.json records no base_model_name_or_path; pass --base")
-    if args.into == "dequantized":
+    if into == "dequantized":
         if adapter.quant is None:
             raise UserError(f"--into dequantized needs to know how the base was quantized in training, and nothing "
                             f"in {adapter.dir} says it was (no edora_meta.json with base_load_in_4bit: true, no "
                             "resolved recipe with model.load_in_4bit). Use --into full.")
         if adapter.peft_type != "EDORA":
             raise UserError("--into dequantized is supported for EDoRA adapters only")
-    out = Path(args.out) if args.out else adapter.dir.parent / "merged"
-    check_out_dir(out, args.overwrite, {"adapter": adapter.dir})
-    max_shard = parse_size(args.max_shard_size)
+    out = Path(out) if out else default_out(adapter.dir)
+    check_out_dir(out, overwrite, {"adapter": adapter.dir})
+    max_shard = parse_size(max_shard_size)
     load_spec, base_dir = resolve_base(base_spec)
-    check_out_dir(out, args.overwrite, {"adapter": adapter.dir, "base model": Path(load_spec)})
+    check_out_dir(out, overwrite, {"adapter": adapter.dir, "base model": Path(load_spec)})
     clean_stale_partials(out)
     base_check = check_base_fingerprint(adapter, base_dir)
-    dtype_name = args.dtype or base_dtype_name(base_dir) or "bfloat16"
-    dtype = getattr(torch, dtype_name)
+    dtype_name = dtype or base_dtype_name(base_dir) or "bfloat16"
+    torch_dtype = getattr(torch, dtype_name)
     if base_dir is not None and "quantization_config" in json.loads((base_dir / "config.json").read_text()):
         raise UserError(f"the base checkpoint {base_dir} is itself quantized (config.json has quantization_config); "
                         "merge needs the full-precision base (for a 4-bit-trained adapter, use --into dequantized "
@@ -194,22 +205,22 @@ def main(args) -> int:
                 else "in memory")
     if adapter.quant is not None:
         logger.info("adapter was trained on a 4-bit base (%s, from %s): merging into the %s weights",
-                    adapter.quant.quant_type, adapter.quant.source, args.into)
+                    adapter.quant.quant_type, adapter.quant.source, into)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        report = _merge_into(tmp, adapter, base_spec, load_spec, base_dir, dtype_name, dtype, args, max_shard)
-        _check_result(tmp, adapter, base_dir, report, args)
+        report = _merge_into(tmp, adapter, base_spec, load_spec, base_dir, dtype_name, torch_dtype, into, max_shard)
+        _check_result(tmp, adapter, base_dir, report)
         report["base_fingerprint"] = base_check
         report["timing_s"]["merge"] = time.perf_counter() - t_start
         report["peak_rss_gib"]["merge"] = peak_rss_gib()
         failed = None
-        if args.verify:
+        if verify:
             t0 = time.perf_counter()
-            report["verification"] = _verify(tmp, adapter, load_spec, dtype_name, args)
+            report["verification"] = verify_merge(tmp, adapter, load_spec, dtype_name, into, verify_device)
             report["timing_s"]["verify"] = time.perf_counter() - t0
             v = report["verification"]
             if not v["passed"]:
@@ -242,11 +253,10 @@ def main(args) -> int:
         logger.info("merged into %s; verified: max |logit diff| %.3g = %.3g of the largest logit (tolerance %g), "
                     "argmax agreement %.1f%%", out, g["max_abs_logit_diff"], g["rel_logit_diff"], v["tolerance"],
                     100 * g["argmax_agreement"])
-    print(out)
-    return 0
+    return report
 
 
-def _check_result(tmp: Path, adapter, base_dir, report: dict, args) -> None:
+def _check_result(tmp: Path, adapter, base_dir, report: dict) -> None:
     """Checks that read the saved files, not the adapter as PEFT loaded it (pipeline/merging/checks.py)."""
     from pipeline.merging.checks import adapter_is_trained, check_formula
 
@@ -274,13 +284,13 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, dtype, args, max_shard) -> dict:
+def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, dtype, into: str, max_shard) -> dict:
     from pipeline.merging import stream
 
     if adapter.peft_type == "EDORA" and base_dir is not None:
         from pipeline.merging.st_io import BaseCheckpoint
 
-        stats, shards = stream.stream_merge(BaseCheckpoint(base_dir), adapter, tmp, dtype, args.into, max_shard)
+        stats, shards = stream.stream_merge(BaseCheckpoint(base_dir), adapter, tmp, dtype, into, max_shard)
         write_config(base_dir, tmp, dtype_name)
         method = "streamed"
     else:
@@ -290,7 +300,7 @@ def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, 
                        adapter.peft_type != "EDORA" else "the base is not a safetensors checkpoint")
         model = load_model(load_spec, dtype="float32")
         if adapter.peft_type == "EDORA":
-            stats = stream.memory_merge(model, adapter, dtype, args.into)
+            stats = stream.memory_merge(model, adapter, dtype, into)
             method = "in_memory"
         else:
             model, stats = stream.peft_merge(model, adapter, dtype)
@@ -310,7 +320,7 @@ def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, 
                         "use_magnitude"), "trained_on_4bit": adapter.quant.to_json() if adapter.quant else None},
         "base": {"spec": base_spec, "resolved": load_spec},
         "method": method,
-        "into": args.into if adapter.quant is not None else "full",
+        "into": into if adapter.quant is not None else "full",
         "dtype": dtype_name,
         "shards": shards,
         "tokenizer_from": tokenizer_from,
@@ -318,49 +328,3 @@ def _merge_into(tmp: Path, adapter, base_spec, load_spec, base_dir, dtype_name, 
         "timing_s": {},
         "peak_rss_gib": {},
     }
-
-
-def _verify(tmp: Path, adapter, load_spec: str, dtype_name: str, args) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.edora.loader import load_edora_adapter
-    from pipeline.merging.quant import bnb_config
-    from pipeline.merging.verify import disable_bnb_cpu_repacking, verify
-    from pipeline.modeling import load_model
-
-    device = args.verify_device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def full_ref():
-        return load_edora_adapter(load_model(load_spec, dtype=dtype_name, device_map=device), adapter.dir)
-
-    def quant_ref():
-        q = adapter.quant
-        base = load_model(load_spec, dtype=q.base_dtype, quantization_config=bnb_config(q), device_map=device)
-        disable_bnb_cpu_repacking(base)
-        return load_edora_adapter(base, adapter.dir)
-
-    def merged():
-        return AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name), device_map=device)
-
-    if adapter.quant is None:
-        refs = {"adapter": (f"base ({dtype_name}) + adapter", full_ref)}
-        gate = "adapter"
-    else:
-        q = adapter.quant
-        refs = {"adapter_4bit_base": (f"{q.quant_type} 4-bit base (as trained, compute {q.compute_dtype}) + adapter",
-                                      quant_ref),
-                "adapter_full_base": (f"full-precision base ({dtype_name}) + adapter", full_ref)}
-        gate = "adapter_4bit_base" if args.into == "dequantized" else "adapter_full_base"
-    vocab = AutoConfig.from_pretrained(str(tmp)).vocab_size
-    result = verify(tmp, refs, merged, vocab)
-    tol_dtype = dtype_name
-    if gate == "adapter_4bit_base" and DTYPES.index(adapter.quant.compute_dtype) < DTYPES.index(dtype_name):
-        tol_dtype = adapter.quant.compute_dtype  # the 4-bit reference computes in a lower precision than the output
-    result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype,
-                  min_agreement=MIN_AGREEMENT[tol_dtype])
-    g = result["comparisons"][gate]
-    result["passed"] = g["rel_logit_diff"] <= TOLERANCES[tol_dtype] and g["argmax_agreement"] >= MIN_AGREEMENT[tol_dtype]
-    return result

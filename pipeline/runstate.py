@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

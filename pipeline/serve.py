@@ -13,9 +13,10 @@ import os
 import shlex
 import shutil
 import sys
-from pathlib import Path
+from dataclasses import dataclass, fields
 
-from pipeline.cli import UserError
+from pipeline.dtypes import FLOAT_DTYPES
+from pipeline.errors import UserError
 from pipeline.runstate import redact_argv
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="merged checkpoint dir (python -m pipeline merge) or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 to serve other machines)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    parser.add_argument("--dtype", default="bfloat16", choices=[*FLOAT_DTYPES, "auto"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model replica")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --model)")
@@ -35,6 +36,23 @@ def add_arguments(parser) -> None:
                         help="allow serving on a non-loopback --host without --api-key (anyone who can reach the "
                              "port can use the model)")
     parser.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+
+
+@dataclass
+class ServeRequest:
+    """The serve command's options, typed (the fields are its flags' names)."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    api_key: str | None = None
+    gpu_memory_utilization: float | None = None
+    insecure: bool = False
+    dry_run: bool = False
 
 
 def is_loopback(host: str) -> bool:
@@ -48,37 +66,40 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to any interface
 
 
-def check_exposure(args) -> None:
+def check_exposure(req: ServeRequest) -> None:
     """An open server on a reachable interface must be asked for explicitly."""
-    if is_loopback(args.host) or args.api_key:
+    if is_loopback(req.host) or req.api_key:
         return
-    if not args.insecure:
-        raise UserError(f"--host {args.host} serves beyond this machine, and without --api-key anyone who reaches port "
-                        f"{args.port} can use the model. Pass --api-key KEY (clients send it as a Bearer token), or "
+    if not req.insecure:
+        raise UserError(f"--host {req.host} serves beyond this machine, and without --api-key anyone who reaches port "
+                        f"{req.port} can use the model. Pass --api-key KEY (clients send it as a Bearer token), or "
                         "--insecure to serve openly, or keep the default --host 127.0.0.1")
-    logger.warning("serving on %s:%d without an API key (--insecure)", args.host, args.port)
+    logger.warning("serving on %s:%d without an API key (--insecure)", req.host, req.port)
 
 
-def vllm_command(args) -> list[str]:
-    cmd = ["vllm", "serve", args.model, "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
-           "--tensor-parallel-size", str(args.tensor_parallel_size)]
-    if args.max_model_len:
-        cmd += ["--max-model-len", str(args.max_model_len)]
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    if args.gpu_memory_utilization:
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+def vllm_command(req: ServeRequest) -> list[str]:
+    cmd = ["vllm", "serve", req.model, "--host", req.host, "--port", str(req.port), "--dtype", req.dtype,
+           "--tensor-parallel-size", str(req.tensor_parallel_size)]
+    if req.max_model_len:
+        cmd += ["--max-model-len", str(req.max_model_len)]
+    if req.served_model_name:
+        cmd += ["--served-model-name", req.served_model_name]
+    if req.api_key:
+        cmd += ["--api-key", req.api_key]
+    if req.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(req.gpu_memory_utilization)]
     return cmd
 
 
 def check_model(model: str) -> None:
-    path = Path(model)
-    if not path.exists():
-        if model.startswith((".", "/")) or model.count("/") != 1:
+    from pipeline.specs import ModelSpec
+
+    spec = ModelSpec.parse(model) if not model.startswith("pkg://") else ModelSpec(model, "missing")
+    if spec.kind in ("hub", "missing"):
+        if not spec.is_org_name:
             raise UserError(f"--model {model}: no such directory (and it does not look like a hub id 'org/name')")
         return  # a hub id: vLLM downloads it
+    path = spec.path
     if (path / "adapter_config.json").exists():
         raise UserError(f"{model} is an adapter, and vLLM cannot load EDoRA adapters. Merge it first: "
                         f"python -m pipeline merge --adapter {model}  (then serve the 'merged' dir it prints)")
@@ -101,12 +122,17 @@ def check_server_imports() -> None:
 
 
 def main(args) -> int:
-    check_model(args.model)
-    check_exposure(args)
-    if args.tensor_parallel_size < 1:
+    return serve(ServeRequest(**{f.name: getattr(args, f.name) for f in fields(ServeRequest)}))
+
+
+def serve(req: ServeRequest) -> int:
+    """Check the model and the exposure, then replace this process with `vllm serve` (dry_run: print the command)."""
+    check_model(req.model)
+    check_exposure(req)
+    if req.tensor_parallel_size < 1:
         raise UserError("--tensor-parallel-size must be >= 1")
-    cmd = vllm_command(args)
-    if args.dry_run:
+    cmd = vllm_command(req)
+    if req.dry_run:
         print(shlex.join(cmd))
         return 0
     exe = shutil.which("vllm")

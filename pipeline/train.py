@@ -12,16 +12,15 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
+from pipeline.trainer import plot_loss, read_metrics  # noqa: F401 - read_metrics: re-exported
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 FULL_DIR = "merged"  # where a full fine-tune (adapter.method: full) writes its model
-META_FILE = "edora_meta.json"
 
 
 def add_arguments(parser) -> None:
@@ -119,6 +118,7 @@ def _train(recipe, resume: bool):
     from pipeline.data import load_sft_dataset, truncation_report
     from pipeline.modeling import load_model, load_tokenizer
     from pipeline.recipe import build_peft_config, save_recipe
+    from pipeline.trainer import log_trainable, make_trainer
 
     run_dir = Path(recipe.run_dir)
     ckpt = check_run_dir(run_dir, resume)
@@ -165,7 +165,7 @@ def _train(recipe, resume: bool):
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
 
     peft_config = build_peft_config(recipe.adapter)
-    is_edora = recipe.adapter.method in ("edora", "loraxs")
+    is_edora = recipe.adapter.uses_svd
     if is_edora and zero3 and quant is None and recipe.model.dtype != "float32":
         # ZeRO-3 all-gathers small (persistent) parameters in one buffer of one dtype: fp32 R and m beside bf16
         # norms fail there (DeepSpeed #8072). DeepSpeed keeps fp32 master copies, so bf16 R and m lose nothing.
@@ -196,8 +196,7 @@ def _train(recipe, resume: bool):
         cfg.base_model_name_or_path = recipe.model.name_or_path
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir)
-        record_prompt_format(adapter_dir, prompt_format)
+        finish_run(recipe, trainer, tokenizer, adapter_dir, run_dir, prompt_format)
         trackers.record(run_dir, trainer)
     return trainer
 
@@ -212,130 +211,20 @@ def data_summary(stats: dict, max_length: int) -> str:
             "shortened)" + (f"; {tr['held_out_for_eval']} held out for eval" if tr.get("held_out_for_eval") else ""))
 
 
-def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
-                 magnitude_lr_ratio: float | None = None, base_model: str | None = None):
-    import torch
-    from trl import SFTTrainer
-
-    class Trainer(SFTTrainer):
-        """SFTTrainer whose log lines carry tokens/s and an ETA, and land in metrics.jsonl; EDoRA's magnitude can
-        have its own learning rate."""
-
-        def create_optimizer(self, model=None):
-            opt = super().create_optimizer(model)
-            if magnitude_lr_ratio is not None and magnitude_lr_ratio != 1:
-                split_magnitude_group(opt, self.model, magnitude_lr_ratio)
-            return opt
-
-        def log(self, logs: dict, start_time: float | None = None) -> None:
-            now = time.time()
-            if not hasattr(self, "_t0"):
-                self._t0, self._step0, self._tok0 = now, self.state.global_step, self.state.num_input_tokens_seen
-            steps = self.state.global_step - self._step0
-            if "loss" in logs and steps > 0 and now > self._t0:
-                elapsed = now - self._t0
-                logs["tokens_per_second"] = round((self.state.num_input_tokens_seen - self._tok0) / elapsed, 1)
-                logs["eta_seconds"] = round((self.state.max_steps - self.state.global_step) * elapsed / steps)
-            if "loss" in logs and torch.cuda.is_available():
-                logs["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            super().log(logs, start_time)
-            if self.is_world_process_zero():
-                row = {"step": self.state.global_step, "epoch": self.state.epoch, **logs,
-                       "tokens_seen": int(self.state.num_input_tokens_seen), "time": now}
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if "loss" in logs:
-                    eta = logs.get("eta_seconds")
-                    logger.info("step %d/%d  loss %.4f  lr %.3g  %s tok/s  ETA %s", self.state.global_step,
-                                self.state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")),
-                                logs.get("tokens_per_second", "-"),
-                                time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-")
-                elif "eval_loss" in logs:
-                    logger.info("step %d/%d  eval loss %.4f", self.state.global_step, self.state.max_steps,
-                                logs["eval_loss"])
-                elif "train_runtime" in logs:
-                    logger.info("training done: %d steps in %.0f s, mean loss %.4f", self.state.global_step,
-                                logs["train_runtime"], logs.get("train_loss", float("nan")))
-
-        def create_model_card(self, *args, **kwargs) -> None:
-            # TRL names the base model only when it is a hub id ("None" for a local dir or a .gguf file)
-            super().create_model_card(*args, **kwargs)
-            card = Path(self.args.output_dir) / "README.md"
-            if base_model and self.is_world_process_zero() and card.exists():
-                text = card.read_text()
-                text = text.replace("[None](https://huggingface.co/None)", f"`{base_model}`")
-                text = text.replace('model="None"', f'model="{Path(self.args.output_dir) / "merged"}"')
-                card.write_text(text)
-
-    trainer = Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, peft_config=peft_config)
-    quiet_progress(trainer)
-    return trainer
-
-
-def quiet_progress(trainer) -> None:
-    """Keep transformers' progress bar but drop its printed log dicts: Trainer.log above prints one line per step."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class BarOnly(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    for cb in list(trainer.callback_handler.callbacks):
-        if type(cb) is ProgressCallback:
-            trainer.remove_callback(cb)
-            trainer.add_callback(BarOnly())
-        elif type(cb) is PrinterCallback:
-            trainer.remove_callback(cb)
-
-
-def split_magnitude_group(optimizer, model, ratio: float) -> None:
-    """Move EDoRA's magnitudes into param groups of their own at `ratio` x the group's learning rate (the scheduler,
-    built afterwards, scales every group's own initial lr)."""
-    mags = {id(p) for n, p in model.named_parameters() if p.requires_grad and "edora_magnitude" in n}
-    if not mags:
-        raise UserError("adapter.magnitude_lr_ratio is set but the model has no trainable EDoRA magnitude")
-    for group in list(optimizer.param_groups):
-        moved = [p for p in group["params"] if id(p) in mags]
-        if moved:
-            group["params"] = [p for p in group["params"] if id(p) not in mags]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
-                                       "lr": group["lr"] * ratio})
-    logger.info("magnitude learning rate: %g x training.learning_rate", ratio)
-
-
-def log_trainable(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}",
-                100 * trainable / max(total, 1))
-
-
-def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
+def finish_run(recipe, trainer, tokenizer, adapter_dir: Path, run_dir: Path, prompt_format: str) -> None:
+    """The adapter's tokenizer and edora_meta.json (the prompt format: metamath, the Alpaca text; chat, the
+    tokenizer's chat template), the trainer state and the loss plot."""
+    from pipeline.adapter_meta import AdapterMeta
     from pipeline.edora.loader import add_card_note
     from pipeline.merging.checks import training_fingerprint
 
     tokenizer.save_pretrained(adapter_dir)
-    m = recipe.model
-    meta = {  # read by `pipeline merge` (pipeline/merging/adapter.py) to redo the 4-bit round trip exactly
-        "schema": 1,
-        "base_model": m.name_or_path,
-        "base_dtype": m.dtype,
-        "base_load_in_4bit": m.load_in_4bit,
-        "bnb_4bit_quant_type": m.bnb_4bit_quant_type if m.load_in_4bit else None,
-        "bnb_4bit_use_double_quant": m.bnb_4bit_use_double_quant if m.load_in_4bit else None,
-        "bnb_4bit_compute_dtype": m.bnb_4bit_compute_dtype if m.load_in_4bit else None,
-        "bnb_4bit_quant_storage": m.bnb_4bit_quant_storage if m.load_in_4bit else None,
-        "bnb_4bit_blocksize": 64 if m.load_in_4bit else None,  # BitsAndBytesConfig's fixed 4-bit blocksize
-        "method": recipe.adapter.method,
-        "recipe": recipe.name,
-        "global_step": trainer.state.global_step,
-        # checked by the merge: the base weights this adapter adapts (null when the base is not a local or cached
-        # safetensors checkpoint, e.g. a .gguf file)
-        "base_fingerprint": training_fingerprint(m.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
-    }
-    (adapter_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-    if recipe.adapter.method in ("edora", "loraxs"):
+    # read by `pipeline merge` (the base fingerprint, the 4-bit round trip) and `pipeline eval --prompt auto`
+    AdapterMeta.for_training(
+        recipe.model, method=recipe.adapter.method, recipe=recipe.name, global_step=trainer.state.global_step,
+        base_fingerprint=training_fingerprint(recipe.model.name_or_path, next(adapter_dir.glob("adapter_model.*"))),
+        prompt_format=prompt_format).write(adapter_dir)
+    if recipe.adapter.uses_svd:
         add_card_note(adapter_dir)
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=recipe.name)
@@ -354,47 +243,3 @@ def finish_full(recipe, trainer, tokenizer, run_dir: Path):
     return trainer
 
 
-def record_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
-    """The prompt the model was trained on (metamath: the Alpaca text; chat: the tokenizer's chat template), in
-    edora_meta.json: `pipeline eval --prompt auto` (and so `pipeline run`) evaluates with the same."""
-    path = adapter_dir / META_FILE
-    meta = json.loads(path.read_text())
-    meta["prompt_format"] = prompt_format
-    path.write_text(json.dumps(meta, indent=2))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; after a resume, a re-run step replaces the row logged before the interruption."""
-    by_key: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            kind = "eval" if any(k.startswith("eval_") for k in row) else "train" if "loss" in row else "other"
-            by_key[(kind, row["step"])] = row
-    return sorted(by_key.values(), key=lambda r: r["step"])
-
-
-def plot_loss(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_path.exists():
-        return
-    rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -105,3 +106,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny Llama with its tokenizer (root/model) and 48 GSM8K-style rows (root/gsm8k.jsonl), one per test module."""
+    import helpers
+
+    root = tmp_path_factory.mktemp("tiny")
+    helpers.tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    helpers.tiny_tokenizer(root / "model")
+    with open(root / "gsm8k.jsonl", "w") as f:
+        for row in helpers.gsm8k_rows():
+            f.write(json.dumps(row) + "\n")
+    return root

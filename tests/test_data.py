@@ -3,11 +3,10 @@
 import json
 import logging
 import re
-from types import SimpleNamespace
 
 import pytest
+from helpers import data_cfg, write_jsonl
 
-from pipeline.cli import UserError
 from pipeline.data import (
     gsm8k_solution,
     load_rows,
@@ -17,21 +16,11 @@ from pipeline.data import (
     parse_split,
     truncation_report,
 )
+from pipeline.errors import UserError
 from pipeline.prompts import metamath_prompt, metamath_train_prompt
 
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
                 "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
-
-
-def data_cfg(**kw):
-    base = dict(source="", split="train", format="auto", query_field=None, response_field=None, max_length=512,
-                eval_source=None, eval_split=None, eval_size=0, num_proc=None)
-    return SimpleNamespace(**{**base, **kw})
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def test_parse_split():

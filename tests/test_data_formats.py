@@ -4,14 +4,13 @@ chat template, and a chat recipe trained and evaluated through `pipeline run` (t
 import json
 
 import pytest
-from helpers import tiny_llama, tiny_tokenizer
-from test_data import data_cfg, write_jsonl
-from test_train import gsm8k_rows, write_recipe
+from helpers import data_cfg, gsm8k_rows, tiny_llama, tiny_tokenizer, write_jsonl, write_recipe
 
 from pipeline import data
-from pipeline.cli import UserError
+from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli_main
 from pipeline.data import detect_format, load_rows, load_sft_dataset, map_row, messages_examples, truncation_report
+from pipeline.errors import UserError
 
 
 def metamath_prompt(query: str) -> str:
@@ -85,7 +84,7 @@ def test_messages_loss_is_on_the_assistant_turns_token_by_token(tmp_path):
     from trl import SFTConfig
 
     from pipeline.edora import EdoraConfig
-    from pipeline.train import make_trainer
+    from pipeline.trainer import make_trainer
 
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[1:3]}])
     train_ds, _, stats = load_sft_dataset(data_cfg(source=str(path), format="messages"), 0)
@@ -138,18 +137,18 @@ def test_chat_recipe_trains_and_evaluates_with_the_chat_template_through_run(tmp
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
                      "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
     run = tmp_path / "runs" / "chat"
-    assert json.loads((run / "adapter" / "edora_meta.json").read_text())["prompt_format"] == "chat"
+    assert AdapterMeta.read(run / "adapter").prompt_format == "chat"
     assert json.loads((run / "data_stats.json").read_text())["train"]["format"] == "messages"
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["prompt"] == "chat template: " + CHAT_TEMPLATE and summary["tasks"]["gsm8k"]["n"] == 2
     assert json.loads((run / "eval" / "run.json").read_text())["tasks"]["gsm8k"]["prompt"] == summary["prompt"]
-    from pipeline.evaluate import trained_prompt_format
+    from eval.prompting import trained_prompt_format
 
     assert trained_prompt_format(str(run / "merged")) == "chat"  # a later `eval --model runs/chat/merged`
 
 
 def test_eval_prompt_follows_the_recorded_training_format(tmp_path):
-    from pipeline.evaluate import trained_prompt_format
+    from eval.prompting import trained_prompt_format
 
     run = tmp_path / "runs" / "x"
     (run / "merged").mkdir(parents=True)
@@ -157,6 +156,6 @@ def test_eval_prompt_follows_the_recorded_training_format(tmp_path):
     (run / "data_stats.json").write_text(json.dumps({"train": {"format": ["gsm8k", "messages"]}}))
     assert trained_prompt_format(str(run / "merged")) == "chat"  # a full fine-tune: no adapter, data_stats.json
     (run / "adapter").mkdir()
-    (run / "adapter" / "edora_meta.json").write_text(json.dumps({"prompt_format": "metamath"}))
+    AdapterMeta(prompt_format="metamath").write(run / "adapter")
     assert trained_prompt_format(str(run / "merged")) == "metamath"  # the adapter's record comes first
     assert trained_prompt_format("HuggingFaceTB/SmolLM2-135M") is None

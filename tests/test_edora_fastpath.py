@@ -6,7 +6,7 @@ aside wherever it cannot: eval, no_grad, reentrant checkpointing, merged or disa
 
 import pytest
 import torch
-from helpers import ALL_LINEAR, tiny_llama
+from helpers import ALL_LINEAR, reference_weight, tiny_llama
 from peft import get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
@@ -91,9 +91,7 @@ def test_single_layer_gradients_equal_the_dense_formula(count_ops):
     R = layer.edora_R["default"].detach().clone().requires_grad_()
     m = layer.edora_magnitude["default"].detach().clone().requires_grad_()
     x2 = x.clone().requires_grad_()
-    w = w0 + 2.0 * B @ R @ A
-    n = torch.linalg.vector_norm(w, dim=1).detach()
-    ((x2 @ ((m / n)[:, None] * w).T - target) ** 2).mean().backward()
+    ((x2 @ reference_weight(w0, A, B, R, m, 2.0, detach_norm=True).T - target) ** 2).mean().backward()
     torch.testing.assert_close(layer.edora_R["default"].grad, R.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(layer.edora_magnitude["default"].grad, m.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(xg.grad, x2.grad, rtol=1e-4, atol=1e-7)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import ALL_LINEAR, tiny_llama
+from helpers import ALL_LINEAR, reference_weight, tiny_llama
 from peft import get_peft_model
 from torch import nn
 
@@ -26,14 +26,6 @@ def randomize_adapter(model, r_std=0.05, m_std=0.1, seed=1):
             if "default" in layer.edora_magnitude:
                 m = layer.edora_magnitude["default"]
                 m.mul_(1 + m_std * torch.randn(m.shape, generator=g))
-
-
-def reference_weight(w0, A, B, R, m, s, use_magnitude=True):
-    """W' built densely, with the row norm taken directly: the formula of the paper / DESIGN.md."""
-    w = w0 + s * B @ R @ A
-    if not use_magnitude:
-        return w
-    return (m / torch.linalg.vector_norm(w, dim=1))[:, None] * w
 
 
 def test_tiny_llama_matches_independent_formula():
@@ -280,8 +272,8 @@ def test_terms_merge_and_its_inverse_against_the_dense_formula():
     g = torch.Generator().manual_seed(3)
     w0, a, b = (torch.randn(12, 20, generator=g), torch.randn(4, 20, generator=g), torch.randn(12, 4, generator=g))
     r, m, s = torch.randn(4, 4, generator=g) * 0.1, torch.rand(12, generator=g) + 0.5, 0.7
-    dense = w0.double() + s * b.double() @ r.double() @ a.double()
-    expect = dense * (m.double() / dense.norm(dim=1))[:, None]
+    dense = reference_weight(w0.double(), a.double(), b.double(), r.double(), None, s, use_magnitude=False)
+    expect = reference_weight(w0.double(), a.double(), b.double(), r.double(), m.double(), s)
     w, n = terms.merged_weight(w0, a, b, r, m, s)
     assert torch.allclose(w.double(), expect, rtol=1e-5, atol=1e-6)
     assert torch.allclose(terms.base_from_merged(w, a, b, r, m, n, s), w0, rtol=1e-4, atol=1e-5)

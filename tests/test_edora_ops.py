@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import reference_weight
 from peft import get_peft_model
 from torch import nn
 
@@ -40,9 +41,7 @@ def test_layer_gradients_equal_dense_autograd_with_detached_norm(bias):
     R = layer.edora_R["default"].detach().clone().requires_grad_()
     m = layer.edora_magnitude["default"].detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    w = w0 + 2.0 * B @ R @ A
-    n = torch.linalg.vector_norm(w, dim=1).detach()
-    y = x2 @ ((m / n)[:, None] * w).T + b
+    y = x2 @ reference_weight(w0, A, B, R, m, 2.0, detach_norm=True).T + b
     ((y - target) ** 2).mean().backward()
     torch.testing.assert_close(layer.edora_R["default"].grad, R.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(layer.edora_magnitude["default"].grad, m.grad, rtol=1e-4, atol=1e-7)

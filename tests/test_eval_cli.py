@@ -1,37 +1,18 @@
 """`python -m pipeline eval` through the real CLI: grading-only mode, outputs, and errors for bad input."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import GSM8K_ROWS, run_cli, write_jsonl
 
 from pipeline.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-GSM8K_ROWS = [  # gold after '####', as in GSM8K
-    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7"},
-    {"question": "A book costs $1,200 and a pen $34. Total?", "answer": "1200 + 34 = 1234\n#### 1,234"},
-    {"question": "It is 2 degrees and drops by 5. Temperature?", "answer": "2 - 5 = -3\n#### -3"},
-    {"question": "Half of 10?", "answer": "#### 5"},
-]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def gsm8k_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", "eval", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_grading_only_mode_writes_summary_report_and_plot(gsm8k_file, tmp_path):
@@ -139,7 +120,7 @@ def test_rerun_with_other_data_into_same_out_is_refused(gsm8k_file, tmp_path, ca
     assert (out / "samples.jsonl").read_text() == before  # nothing lost
 
 
-def test_help_is_instant_and_lists_options():
+def test_help_lists_the_options():
     proc = run_cli("--help")
     assert proc.returncode == 0
     for option in ("--predictions", "--data-file", "--backend", "--base-url", "--tensor-parallel-size"):

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers import GSM8K_ROWS, write_jsonl
 
 from eval.backends import HFBackend, Sampling
 from pipeline.cli import main as cli_main
-from tests.test_eval_cli import GSM8K_ROWS, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -1,77 +1,12 @@
 """The OpenAI-compatible backend against a tiny fake server on 127.0.0.1, and resuming an interrupted run."""
 
 import json
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import GSM8K_ROWS, FakeServer, dead_url, write_jsonl
 
 from eval.backends import BackendError, OpenAIBackend, Sampling
 from pipeline.cli import main as cli_main
-from tests.test_eval_cli import GSM8K_ROWS, write_jsonl
-
-ANSWERS = {r["question"]: r["answer"].split("####")[1].strip().replace(",", "") for r in GSM8K_ROWS}
-
-
-class FakeServer:
-    """Serves /v1/models and /v1/completions; answers each GSM8K question with its gold (first `fail_first`
-    completion requests get HTTP 500). Records the request bodies."""
-
-    def __init__(self, fail_first: int = 0, model: str = "fake-model"):
-        self.fail_first, self.model, self.requests = fail_first, model, []
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.requests.append(body)
-                    fail = len(fake.requests) <= fake.fail_first
-                if fail:
-                    self._send(500, {"error": "boom"})
-                    return
-                question = body["prompt"].split("### Instruction:\n")[1].split("\n\n### Response")[0]
-                text = f" Step by step.\nThe answer is: {ANSWERS.get(question, 0)}"
-                self._send(200, {"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                                 "usage": {"completion_tokens": 9}})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def dead_url() -> str:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-
 
 SAMPLING = Sampling(max_tokens=32, stop=("Instruction", "Response"))
 

@@ -9,10 +9,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import GSM8K_ROWS, FakeServer, write_jsonl
 
 from pipeline.cli import main as cli_main
-from tests.test_eval_cli import GSM8K_ROWS, write_jsonl
-from tests.test_eval_http import FakeServer
 
 
 def eval_args(server_url, model, data, out, *extra):

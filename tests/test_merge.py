@@ -7,46 +7,15 @@ import sys
 
 import pytest
 import torch
-from helpers import ALL_LINEAR, tiny_llama, tiny_tokenizer
+from helpers import ALL_LINEAR, VOCAB, make_run, perturb, tiny_llama, tiny_tokenizer
 from peft import get_peft_model
 from safetensors import safe_open
 from tests_paths import ROOT
 from transformers import AutoModelForCausalLM
 
+from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli
-from pipeline.edora import EdoraConfig, Linear
-
-VOCAB = 300
-
-
-def perturb(model, sigma=0.05):
-    """Training stand-in: R and m away from their init so the merge has something to fold in."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, Linear)):
-            r = layer.edora_R["default"]
-            r.copy_(torch.randn(r.shape, generator=gen) * sigma)
-            if "default" in layer.edora_magnitude:
-                mag = layer.edora_magnitude["default"]
-                mag.mul_(1 + 0.05 * torch.randn(mag.shape, generator=gen))
-
-
-def make_run(root, use_magnitude=True, **base_kw):
-    """root/base (tiny Llama + tokenizer) and root/run/adapter; returns (base dir, adapter dir, input ids, logits)."""
-    base = tiny_llama(seed=0, vocab=VOCAB, **base_kw)
-    base.save_pretrained(root / "base")
-    tiny_tokenizer(root / "base", vocab_size=VOCAB)
-    model = get_peft_model(base, EdoraConfig(r=4, target_modules=ALL_LINEAR, seed=3, use_magnitude=use_magnitude))
-    perturb(model)
-    model.save_pretrained(root / "run" / "adapter")
-    cfg_path = root / "run" / "adapter" / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(root / "base")
-    cfg_path.write_text(json.dumps(cfg))
-    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(x).logits
-    return root / "base", root / "run" / "adapter", x, logits
+from pipeline.edora import EdoraConfig
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +163,10 @@ def run_4bit(request, tmp_path_factory):
         logits = model(x).logits
     adapter = root / "run" / "adapter"
     model.save_pretrained(adapter)
-    # what the trainer writes beside a 4-bit-trained adapter (schema in pipeline/merging/adapter.py)
-    (adapter / "edora_meta.json").write_text(json.dumps({
-        "schema": 1, "base_load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": request.param, "bnb_4bit_compute_dtype": "float32",
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_blocksize": 64, "base_dtype": "float32"}))
+    # what the trainer writes beside a 4-bit-trained adapter
+    AdapterMeta(base_load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=request.param,
+                bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="uint8", bnb_4bit_blocksize=64,
+                base_dtype="float32").write(adapter)
     return root / "base", adapter, x, logits
 
 
@@ -239,6 +207,27 @@ def test_4bit_settings_read_from_a_resolved_recipe(tmp_path):
     assert q.quant_type == "nf4" and q.double_quant is True and q.base_dtype == "bfloat16"
     (tmp_path / "recipe.yaml").write_text("model:\n  name_or_path: x\n")
     assert read_quant_info(tmp_path / "adapter") is None
+
+
+def test_4bit_settings_left_out_mean_the_recipe_defaults(tmp_path):
+    """A setting edora_meta.json or a resolved recipe leaves out means what the recipe would have used: both read
+    double quantization as on (the meta reader used to read it as off), and build the same BitsAndBytesConfig."""
+    from pipeline.merging.adapter import read_quant_info
+    from pipeline.recipe import ModelConfig
+
+    default = ModelConfig(name_or_path="x", load_in_4bit=True)
+    assert default.bnb_4bit_use_double_quant is True
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "edora_meta.json").write_text('{"base_load_in_4bit": true}')
+    (tmp_path / "b" / "adapter").mkdir(parents=True)
+    (tmp_path / "b" / "recipe.yaml").write_text("model:\n  name_or_path: x\n  load_in_4bit: true\n")
+    from_meta, from_recipe = read_quant_info(tmp_path / "a"), read_quant_info(tmp_path / "b" / "adapter")
+    for q in (from_meta, from_recipe):
+        assert (q.quant_type, q.double_quant, q.compute_dtype, q.quant_storage, q.base_dtype) == \
+            ("nf4", True, "bfloat16", "uint8", "bfloat16")
+        cfg = q.bnb_config()
+        assert cfg.bnb_4bit_use_double_quant is True and cfg.bnb_4bit_quant_type == "nf4"
+        assert cfg.to_dict() == default.bnb_config().to_dict()
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -319,10 +308,10 @@ def test_into_dequantized_needs_4bit_training_info(run_dir, tmp_path, capsys):
 
 
 def test_failed_verification_keeps_a_rejected_dir_only(run_dir, tmp_path, capsys, monkeypatch):
-    import pipeline.merge
+    import pipeline.merging.verify
 
     base, adapter, *_ = run_dir
-    monkeypatch.setitem(pipeline.merge.TOLERANCES, "bfloat16", 0.0)
+    monkeypatch.setitem(pipeline.merging.verify.TOLERANCES, "bfloat16", 0.0)
     rc, err = refused(capsys, "--adapter", adapter, "--out", tmp_path / "m", "--dtype", "bfloat16")
     assert rc == 2 and "verification failed" in err and "m.rejected" in err
     assert not (tmp_path / "m").exists() and (tmp_path / "m.rejected" / "merge_report.json").exists()

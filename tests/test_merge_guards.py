@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import VOCAB, make_run, tiny_llama
 from safetensors.torch import load_file, save_file
-from test_merge import VOCAB, make_run
 
+from pipeline.adapter_meta import AdapterMeta
 from pipeline.cli import main as cli
 
 
@@ -165,10 +165,10 @@ def test_a_lora_adapter_on_a_wrong_base_is_refused_by_the_training_fingerprint(m
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     model.save_pretrained(tmp_path / "lora")
-    meta = {"base_model": str(base), "base_load_in_4bit": False,
-            "base_fingerprint": training_fingerprint(str(base), tmp_path / "lora" / "adapter_model.safetensors")}
-    assert meta["base_fingerprint"].startswith("sha256:")
-    (tmp_path / "lora" / "edora_meta.json").write_text(json.dumps(meta))
+    meta = AdapterMeta(base_model=str(base),
+                       base_fingerprint=training_fingerprint(str(base), tmp_path / "lora" / "adapter_model.safetensors"))
+    assert meta.base_fingerprint.startswith("sha256:")
+    meta.write(tmp_path / "lora")
     other = altered_base(base, tmp_path, "noise")
     rc, err = merge(capsys, "--adapter", tmp_path / "lora", "--base", other, "--out", tmp_path / "m")
     assert rc == 2 and "recorded at training" in err and not (tmp_path / "m").exists()

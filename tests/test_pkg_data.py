@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_eval_cli import run_cli, write_jsonl
+from helpers import run_cli, write_jsonl
 
 from eval.tasks import TASKS, DataError, load_samples, resolve_data_file
 from pipeline.data import load_rows

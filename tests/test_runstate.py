@@ -13,11 +13,11 @@ import sys
 
 import pytest
 import yaml
-from test_train import gsm8k_rows, tiny_setup, write_recipe  # noqa: F401 - tiny_setup is a fixture
+from helpers import gsm8k_rows, write_recipe
 from tests_paths import ROOT
 
 from pipeline.cli import main as cli
-from pipeline.train import read_metrics
+from pipeline.trainer import read_metrics
 
 
 class Records(logging.Handler):
@@ -77,8 +77,9 @@ def test_the_log_says_which_rows_do_not_train_and_why(trained):
 
 
 def test_training_records_the_base_fingerprint_for_the_merge(trained):
-    meta = json.loads((trained[1] / "adapter" / "edora_meta.json").read_text())
-    assert meta["base_fingerprint"].startswith("sha256:")
+    from pipeline.adapter_meta import AdapterMeta
+
+    assert AdapterMeta.read(trained[1] / "adapter").base_fingerprint.startswith("sha256:")
 
 
 def copy_run(trained, tmp_path):

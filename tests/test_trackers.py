@@ -5,8 +5,7 @@ import json
 
 import pytest
 import yaml
-from helpers import tiny_llama, tiny_tokenizer
-from test_train import gsm8k_rows, write_recipe
+from helpers import gsm8k_rows, tiny_llama, tiny_tokenizer, write_recipe
 
 from pipeline import trackers
 from pipeline.cli import main as cli_main

@@ -9,47 +9,11 @@ import time
 
 import pytest
 import torch
-import yaml
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer, write_recipe
 from tests_paths import ROOT
 
 from pipeline.cli import main as cli_main
-from pipeline.train import read_metrics
-
-
-def gsm8k_rows(n=48):
-    rows = []
-    for i in range(n):
-        a, b = 3 + i, 7 + 2 * i
-        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples?",
-                     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    tiny_tokenizer(root / "model")
-    with open(root / "gsm8k.jsonl", "w") as f:
-        for row in gsm8k_rows():
-            f.write(json.dumps(row) + "\n")
-    return root
-
-
-def write_recipe(root, name, tmp_path, **changes):
-    recipe = yaml.safe_load((ROOT / "recipes/smollm2-135m/edora-gsm8k-cpu.yaml").read_text())
-    recipe.update(name=name, output_dir=str(tmp_path / "runs"))
-    recipe["model"]["name_or_path"] = str(root / "model")
-    recipe["adapter"]["r"] = 4
-    recipe["data"].update(source=str(root / "gsm8k.jsonl"), split="train", max_length=256)
-    recipe["training"].update(max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2, warmup_ratio=0.0,
-                              logging_steps=1, save_steps=4, lr_scheduler_type="constant")
-    for section, values in changes.items():
-        recipe.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from pipeline.trainer import read_metrics
 
 
 def test_cli_train_loss_falls_and_writes_the_run(tiny_setup, tmp_path, capfd, caplog):
@@ -88,7 +52,7 @@ def test_completion_only_masking_token_by_token(tiny_setup, tmp_path):
     from pipeline.data import load_sft_dataset
     from pipeline.edora import EdoraConfig
     from pipeline.recipe import load_recipe
-    from pipeline.train import make_trainer
+    from pipeline.trainer import make_trainer
 
     recipe = load_recipe(write_recipe(tiny_setup, "mask", tmp_path))
     tok = tiny_tokenizer()
@@ -199,8 +163,10 @@ def test_4bit_base_trains_on_cpu(tiny_setup, tmp_path):
                           training={"max_steps": 4})
     assert cli_main(["train", str(recipe)]) == 0
     run = tmp_path / "runs" / "q4"
-    meta = json.loads((run / "adapter/edora_meta.json").read_text())
-    assert meta["base_load_in_4bit"] is True and meta["bnb_4bit_quant_type"] == "nf4"
+    from pipeline.adapter_meta import AdapterMeta
+
+    meta = AdapterMeta.read(run / "adapter")
+    assert meta.base_load_in_4bit is True and meta.bnb_4bit_quant_type == "nf4" and meta.quant().double_quant
     from safetensors.torch import load_file
 
     sd = load_file(run / "adapter/adapter_model.safetensors")

@@ -7,11 +7,13 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from pipeline.dtypes import FLOAT_DTYPES
+
 from .peft_type import EDORA
 
 SVD_METHODS = ("randomized", "exact")
 SVD_TARGETS = ("weight", "direction")
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_DTYPES = FLOAT_DTYPES
 
 
 @dataclass
@@ -50,7 +52,7 @@ class EdoraConfig(PeftConfig):
     use_magnitude: bool = field(
         default=True, metadata={"help": "False gives LoRA-XS: frozen SVD factors and R, no magnitude/direction split."}
     )
-    adapter_dtype: Literal["float32", "bfloat16", "float16"] = field(
+    adapter_dtype: Literal[ADAPTER_DTYPES] = field(
         default="float32", metadata={"help": "dtype of R, m, A, B and the norm terms (compute runs in the input dtype)."}
     )
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of R's initialisation (None: torch's RNG)."})

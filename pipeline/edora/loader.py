@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.errors import UserError
 
-class AdapterError(ValueError):
-    pass
+
+class AdapterError(UserError, ValueError):
+    """An adapter dir that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:

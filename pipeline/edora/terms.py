@@ -1,4 +1,5 @@
-"""EDoRA's derived terms as pure functions, one definition each (fp32 in, fp32 out).
+"""EDoRA's derived terms as pure functions, one definition each (fp32 by default; the merge's fingerprint check
+redoes G, P and the row norms in fp64; its formula check of the written weights is written out on purpose).
 
 Used by the layer (init, ZeRO-3 broadcast, reload), the layer's merge/unmerge and the streamed merge of
 `pipeline merge`. The per-step row norm from these terms is `ops.factored_row_norm`.
@@ -11,24 +12,24 @@ from typing import Optional
 import torch
 
 
-def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device=device, dtype=torch.float32)
+def _f32(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype)
 
 
-def gram(a: torch.Tensor) -> torch.Tensor:
+def gram(a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """G = A Aᵀ `[r, r]`."""
-    a = a.to(torch.float32)
+    a = a.to(dtype)
     return a @ a.T
 
 
-def projection(w0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def projection(w0: torch.Tensor, a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """P = W0 Aᵀ `[out, r]` (on W0's device)."""
-    return w0.to(torch.float32) @ _f32(a, w0.device).T
+    return w0.to(dtype) @ _f32(a, w0.device, dtype).T
 
 
-def row_norm2(w0: torch.Tensor) -> torch.Tensor:
+def row_norm2(w0: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """||W0_i||² per output row `[out]`."""
-    w0 = w0.to(torch.float32)
+    w0 = w0.to(dtype)
     return (w0 * w0).sum(dim=1)
 
 

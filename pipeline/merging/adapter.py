@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.adapter_meta import META_FILE, AdapterMeta, QuantInfo  # noqa: F401 - re-exported
+from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 EDORA_PARTS = ("edora_A", "edora_B", "edora_R", "edora_magnitude", "edora_row_norm2")
-META_FILE = "edora_meta.json"
 # Resolved recipes the trainer may leave in the adapter dir or the run dir (read only when edora_meta.json is absent).
 RECIPE_FILES = ("recipe.yaml", "resolved_recipe.yaml", "recipe.resolved.yaml")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-@dataclass
-class QuantInfo:
-    """How the base was quantized when the adapter was trained (bitsandbytes 4-bit, as BitsAndBytesConfig does)."""
-
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    blocksize: int = 64
-    base_dtype: str = "bfloat16"     # dtype the checkpoint was cast to before quantizing (from_pretrained dtype=)
-    compute_dtype: str = "bfloat16"
-    quant_storage: str = "uint8"
-    source: str = ""                 # the file this came from
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -108,8 +91,6 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     if adapter.peft_type not in ("EDORA", "LORA"):
         raise UserError(f"{adapter_dir} holds a PEFT '{adapter.peft_type}' adapter; merge supports EDoRA (and "
                         "LoRA-XS) adapters, and PEFT LoRA/DoRA adapters through PEFT's merge_and_unload")
-    from .checks import check_tensor_types
-
     check_tensor_types(adapter.peft_type, _tensor_keys(tensor_file), tensor_file)
     if adapter.peft_type == "EDORA":
         _index_edora_keys(adapter)
@@ -156,20 +137,9 @@ def read_quant_info(adapter_dir: Path) -> QuantInfo | None:
     """The 4-bit settings the adapter was trained with: edora_meta.json, else a resolved recipe beside it.
 
     None means the base was not quantized in training (or nothing says it was)."""
-    meta = adapter_dir / META_FILE
-    if meta.is_file():
-        try:
-            data = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta} is not valid JSON ({e})") from e
-        if not data.get("base_load_in_4bit", False):
-            return None
-        return QuantInfo(quant_type=data.get("bnb_4bit_quant_type", "nf4"),
-                         double_quant=bool(data.get("bnb_4bit_use_double_quant", False)),
-                         blocksize=int(data.get("bnb_4bit_blocksize", 64)),
-                         base_dtype=data.get("base_dtype", "bfloat16"),
-                         compute_dtype=data.get("bnb_4bit_compute_dtype", "bfloat16"),
-                         quant_storage=data.get("bnb_4bit_quant_storage", "uint8"), source=str(meta))
+    meta = AdapterMeta.read(adapter_dir)
+    if meta is not None:
+        return meta.quant(source=str(adapter_dir / META_FILE))
     for d in (adapter_dir, adapter_dir.parent):
         for name in RECIPE_FILES:
             path = d / name
@@ -180,13 +150,25 @@ def read_quant_info(adapter_dir: Path) -> QuantInfo | None:
                 model = (data.get("model") if isinstance(data, dict) else None) or {}
                 if not model.get("load_in_4bit", False):
                     return None
-                return QuantInfo(quant_type=model.get("bnb_4bit_quant_type", "nf4"),
-                                 double_quant=bool(model.get("bnb_4bit_use_double_quant", True)),
-                                 base_dtype=model.get("dtype", "bfloat16"),
-                                 compute_dtype=model.get("bnb_4bit_compute_dtype", "bfloat16"),
-                                 quant_storage=model.get("bnb_4bit_quant_storage", "uint8"), source=str(path))
+                return QuantInfo.from_model_section(model, source=str(path))
     return None
 
 
 def has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+
+
+def check_tensor_types(peft_type: str, keys: list[str], tensor_file: Path) -> None:
+    """adapter_config.json's peft_type must match the tensors: an edited or mixed-up config never merges as a no-op."""
+    edora = [k for k in keys if ".edora_" in k]
+    lora = [k for k in keys if ".lora_" in k]
+    if peft_type == "EDORA" and lora:
+        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type EDORA but {tensor_file.name} holds "
+                        f"LoRA tensors (e.g. {lora[0]}): the config does not belong to these weights")
+    if peft_type != "EDORA" and edora:
+        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type {peft_type} but {tensor_file.name} "
+                        f"holds EDoRA tensors (e.g. {edora[0]}): the config was edited or mixed up. Restore "
+                        "\"peft_type\": \"EDORA\" (the adapter dir training wrote)")
+    if peft_type == "LORA" and not lora:
+        raise UserError(f"{tensor_file} holds no LoRA tensors (lora_A/lora_B) although adapter_config.json says "
+                        "peft_type LORA: the adapter is empty or damaged")

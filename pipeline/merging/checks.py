@@ -3,7 +3,6 @@
 - `check_out_dir`: --out never replaces a run, a base model or the adapter being read; --overwrite replaces only a
   previous merge output (a dir with merge_report.json).
 - `clean_stale_partials`: hidden work dirs left by killed merges are removed (their pid is gone) or reported.
-- `check_tensor_types`: the adapter type in adapter_config.json matches the tensors in the file.
 - `check_factors`: the saved EDoRA row norms and SVD factors match this base weight (Bᵀ W0 Aᵀ = A Aᵀ), a
   fingerprint of the base the adapter was trained on that equal row norms or 10% noise cannot pass.
 - `check_formula`: the written merged weights equal (m / n) ⊙_row (W0 + s·B R A), recomputed in float64 from the
@@ -16,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -25,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import UserError
+from pipeline.edora import terms
+from pipeline.errors import UserError
 from pipeline.runstate import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -95,22 +94,6 @@ def clean_stale_partials(out: Path) -> list[str]:
     return removed
 
 
-def check_tensor_types(peft_type: str, keys: list[str], tensor_file: Path) -> None:
-    """adapter_config.json's peft_type must match the tensors: an edited or mixed-up config never merges as a no-op."""
-    edora = [k for k in keys if ".edora_" in k]
-    lora = [k for k in keys if ".lora_" in k]
-    if peft_type == "EDORA" and lora:
-        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type EDORA but {tensor_file.name} holds "
-                        f"LoRA tensors (e.g. {lora[0]}): the config does not belong to these weights")
-    if peft_type != "EDORA" and edora:
-        raise UserError(f"{tensor_file.parent}/adapter_config.json says peft_type {peft_type} but {tensor_file.name} "
-                        f"holds EDoRA tensors (e.g. {edora[0]}): the config was edited or mixed up. Restore "
-                        "\"peft_type\": \"EDORA\" (the adapter dir training wrote)")
-    if peft_type == "LORA" and not lora:
-        raise UserError(f"{tensor_file} holds no LoRA tensors (lora_A/lora_B) although adapter_config.json says "
-                        "peft_type LORA: the adapter is empty or damaged")
-
-
 def factor_residual(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, svd_target: str) -> float:
     """||Bᵀ T Aᵀ - A Aᵀ||_F / ||A Aᵀ||_F with T = W0 (or its row-normalised direction): 0 up to rounding for the base
     the factors were computed from. With A = Σ Vᵀ, B = U of a truncated SVD of T (exact, or randomized on either
@@ -118,15 +101,14 @@ def factor_residual(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, svd_targ
     t = w0.double()
     if svd_target == "direction":
         t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    a, b = a.double(), b.double()
-    gram = a @ a.T
-    return ((b.T @ t @ a.T - gram).norm() / gram.norm().clamp_min(1e-300)).item()
+    g = terms.gram(a, torch.float64)
+    return ((b.double().T @ terms.projection(t, a, torch.float64) - g).norm() / g.norm().clamp_min(1e-300)).item()
 
 
 def row_norm_residual(w0: torch.Tensor, row_norm2: torch.Tensor) -> float:
     """Largest relative difference between this weight's row norms and the ones saved at training."""
     saved = row_norm2.double().sqrt()
-    return ((w0.double().norm(dim=1) - saved).abs() / saved.clamp_min(1e-300)).max().item()
+    return ((terms.row_norm2(w0, torch.float64).sqrt() - saved).abs() / saved.clamp_min(1e-300)).max().item()
 
 
 def check_factors(module: str, w0: torch.Tensor, f: dict, adapter, tol: dict) -> float:
@@ -162,6 +144,7 @@ def factor_tolerance(adapter) -> dict:
 def formula_rows(w0_rows: torch.Tensor, f: dict, scaling: float, use_magnitude: bool,
                  rows: slice) -> torch.Tensor:
     """(m / n) ⊙_row (W0 + s·B R A) for some rows, in float64 (a row's norm needs only that row)."""
+    # written out here, not terms.merged_weight: this checks the merge's output, so it must not share its code
     w = w0_rows.double() + scaling * (f["edora_B"][rows].double() @ f["edora_R"].double() @ f["edora_A"].double())
     if not use_magnitude:
         return w
@@ -252,9 +235,12 @@ def base_fingerprint(base_dir: Path, names: list[str]) -> str:
 
 def local_safetensors_dir(spec: str) -> Path | None:
     """The local safetensors dir of a base spec without any download (a hub id: the cached copy), else None."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        if spec.startswith("pkg://") or spec.endswith(".gguf") or spec.count("/") != 1:
+    from pipeline.specs import ModelSpec
+
+    model = ModelSpec(spec, "missing") if spec.startswith("pkg://") else ModelSpec.parse(spec)
+    p = model.path
+    if not (model.kind == "dir" and p.is_dir()):
+        if not model.is_org_name:
             return None
         try:
             from huggingface_hub import snapshot_download
@@ -276,16 +262,16 @@ def training_fingerprint(spec: str, tensor_file: Path) -> str | None:
 
 def check_base_fingerprint(adapter, base_dir: Path | None) -> dict:
     """Compare the fingerprint training saved (edora_meta.json) with this base; UserError when they differ."""
-    from .adapter import META_FILE, _tensor_keys
+    from .adapter import META_FILE, AdapterMeta, _tensor_keys
 
     meta_path = adapter.dir / META_FILE
-    saved = json.loads(meta_path.read_text()).get("base_fingerprint") if meta_path.is_file() else None
+    meta = AdapterMeta.read(adapter.dir)
+    saved = meta.base_fingerprint if meta is not None else None
     if saved is None or base_dir is None:
         return {"saved": saved, "checked": False}
     now = base_fingerprint(base_dir, adapted_weight_names(_tensor_keys(adapter.tensor_file)))
     if now != saved:
         raise UserError(f"the adapter was made on a different base model: the base weights it adapts differ from the "
                         f"ones recorded at training ({meta_path}: base_fingerprint {saved}, this base {now}). Pass "
-                        f"the base it was trained on with --base ({meta_path.name} says "
-                        f"{json.loads(meta_path.read_text()).get('base_model')!r})")
+                        f"the base it was trained on with --base ({meta_path.name} says {meta.base_model!r})")
     return {"saved": saved, "checked": True}

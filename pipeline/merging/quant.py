@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import QuantInfo
+from pipeline.adapter_meta import QuantInfo
 
 
 def dequantized_4bit(w: torch.Tensor, q: QuantInfo) -> torch.Tensor:
@@ -20,12 +20,3 @@ def dequantized_4bit(w: torch.Tensor, q: QuantInfo) -> torch.Tensor:
                                      quant_type=q.quant_type, quant_storage=getattr(torch, q.quant_storage))
     return bf.dequantize_4bit(packed, state).to(torch.float32)
 
-
-def bnb_config(q: QuantInfo):
-    """The BitsAndBytesConfig the adapter was trained with (for verification against the 4-bit adapter model)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-                              bnb_4bit_quant_storage=getattr(torch, q.quant_storage))

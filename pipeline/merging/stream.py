@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 from .adapter import Adapter
 from .checks import check_factors, factor_tolerance, formula_residual

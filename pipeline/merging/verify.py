@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.dtypes import lower_precision
+
 logger = logging.getLogger(__name__)
 
 PROMPTS = [
@@ -107,3 +109,57 @@ def disable_bnb_cpu_repacking(model) -> None:
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
+
+
+# Max |logit difference| (merged vs adapter model) / max |logit| of the adapter model, per output dtype, and the least
+# share of positions whose argmax must agree. Relative, because the difference scales with the logits (SmolLM2's
+# reach 35, a tiny random model's 0.7). Worst measured (module docstring): fp32 4.0e-6, bf16 4.4e-2, fp16 6.2e-3;
+# the limits leave 3-25x margin. In 16 bits the difference is the rounding of the merged weights vs the adapter
+# path's own rounding, so it grows with depth; a wrong merge moves logits by far more.
+TOLERANCES = {"float32": 1e-4, "bfloat16": 0.15, "float16": 0.03}
+MIN_AGREEMENT = {"float32": 0.99, "bfloat16": 0.9, "float16": 0.95}
+
+
+def verify_merge(tmp: Path, adapter, load_spec: str, dtype_name: str, into: str, device: str) -> dict:
+    """Run the adapter model(s) and the merged model in `tmp` on the fixed prompts; the comparison that gates
+    the merge is checked against TOLERANCES / MIN_AGREEMENT of the output dtype."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.edora.loader import load_edora_adapter
+    from pipeline.modeling import load_model
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def full_ref():
+        return load_edora_adapter(load_model(load_spec, dtype=dtype_name, device_map=device), adapter.dir)
+
+    def quant_ref():
+        q = adapter.quant
+        base = load_model(load_spec, dtype=q.base_dtype, quantization_config=q.bnb_config(), device_map=device)
+        disable_bnb_cpu_repacking(base)
+        return load_edora_adapter(base, adapter.dir)
+
+    def merged():
+        return AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype_name), device_map=device)
+
+    if adapter.quant is None:
+        refs = {"adapter": (f"base ({dtype_name}) + adapter", full_ref)}
+        gate = "adapter"
+    else:
+        q = adapter.quant
+        refs = {"adapter_4bit_base": (f"{q.quant_type} 4-bit base (as trained, compute {q.compute_dtype}) + adapter",
+                                      quant_ref),
+                "adapter_full_base": (f"full-precision base ({dtype_name}) + adapter", full_ref)}
+        gate = "adapter_4bit_base" if into == "dequantized" else "adapter_full_base"
+    vocab = AutoConfig.from_pretrained(str(tmp)).vocab_size
+    result = verify(tmp, refs, merged, vocab)
+    tol_dtype = dtype_name
+    if gate == "adapter_4bit_base":  # the 4-bit reference may compute in a lower precision than the output
+        tol_dtype = lower_precision(adapter.quant.compute_dtype, dtype_name)
+    result.update(device=device, gate=gate, tolerance=TOLERANCES[tol_dtype], tolerance_dtype=tol_dtype,
+                  min_agreement=MIN_AGREEMENT[tol_dtype])
+    g = result["comparisons"][gate]
+    result["passed"] = g["rel_logit_diff"] <= TOLERANCES[tol_dtype] and g["argmax_agreement"] >= MIN_AGREEMENT[tol_dtype]
+    return result
