@@ -159,6 +159,19 @@ class TrainingConfig:
         "mlflow, trackio, tensorboard, ... or a list; `pipeline run` logs the eval results to the same run "
         "(wandb, tensorboard).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
+    # Throughput options (issue 15); the defaults are the plain recipe.
+    padding_free: bool = _help(
+        "Flatten each micro-batch into one row without padding (position ids restart at each example, attention "
+        "stays inside it): the same rows and loss per step as padded batches, no compute on pad tokens. Works with "
+        "sdpa, eager, flex_attention and flash_attention_2.", default=False)
+    checkpoint_every_n_layers: int = _help(
+        "With gradient_checkpointing: recompute only every n-th decoder layer (1 = all; 2 = half of them), "
+        "trading memory for less recompute.", default=1)
+    liger_kernel: bool = _help(
+        "Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE kernels (TRL's own fused LM-head loss stays). CUDA only; "
+        "needs the liger extra: pip install 'edora-pipeline[liger]'.", default=False)
+    torch_compile: bool = _help("Compile the model with torch.compile (inductor) through the trainer; the first "
+                                "steps pay the compile time.", default=False)
 
 
 @dataclass(kw_only=True)
@@ -250,9 +263,15 @@ class Recipe:
             eval_steps=(t.eval_steps or t.save_steps) if self.has_eval else None,
             report_to=t.report_to,
             dataloader_num_workers=t.dataloader_num_workers,
+            activation_checkpointing_kwargs=({"every_n_layers": t.checkpoint_every_n_layers}
+                                             if t.gradient_checkpointing and t.checkpoint_every_n_layers > 1 else None),
+            use_liger_kernel=t.liger_kernel,
+            torch_compile=t.torch_compile,
             max_length=self.data.max_length,
             dataset_num_proc=self.data.num_proc,
             completion_only_loss=True,  # prompt/completion rows: loss on the solution only
+            # training.padding_free is applied to the trainer's collator (train.make_trainer), not here: TRL 1.16
+            # refuses padding_free without packing when max_length is set, though it truncates to max_length itself
             packing=False,
         )
 
@@ -672,6 +691,7 @@ def _check(r: Recipe, c: _Checker) -> None:
         c.cross(("training.eval_steps",), "no eval data: set data.eval_size, data.eval_source or data.eval_split")
     if t.dataloader_num_workers < 0:
         c.err("training.dataloader_num_workers", f"{t.dataloader_num_workers} must be >= 0")
+    _check_speed(t, c)
     if "training.report_to" not in c.bad:
         from pipeline import trackers
 
@@ -694,6 +714,23 @@ def _check(r: Recipe, c: _Checker) -> None:
         lc.accelerate_config = _check_local(c, "launcher.accelerate_config", lc.accelerate_config, "accelerate config")
         if "launcher.accelerate_config" not in c.bad:
             _check_launcher(r, c, _accelerate_settings(c, lc.accelerate_config))
+
+
+def _check_speed(t: TrainingConfig, c: _Checker) -> None:
+    """The throughput options (issue 15)."""
+    if t.checkpoint_every_n_layers < 1:
+        c.err("training.checkpoint_every_n_layers", f"{t.checkpoint_every_n_layers} must be >= 1 (1 = every layer)")
+    elif t.checkpoint_every_n_layers > 1 and not t.gradient_checkpointing:
+        c.cross(("training.checkpoint_every_n_layers", "training.gradient_checkpointing"),
+                "only applies with gradient_checkpointing: true; set it back to 1 or turn checkpointing on")
+    if t.liger_kernel:
+        # find_spec only: importing liger_kernel pulls in Triton (and fails without it)
+        missing = [name for name in ("liger_kernel", "triton") if importlib.util.find_spec(name) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            c.err("training.liger_kernel", f"needs {' and '.join(missing)}, which {verb} not installed; "
+                  "pip install 'edora-pipeline[liger]' (liger-kernel; Triton comes with CUDA builds of "
+                  "torch) on a CUDA machine, or set training.liger_kernel: false")
 
 
 def _check_eval(e: EvalConfig, c: _Checker) -> None:

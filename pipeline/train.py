@@ -136,6 +136,9 @@ def _train(recipe, resume: bool):
     # SFTConfig first: under a ZeRO-3 launcher it activates DeepSpeed so from_pretrained loads the model sharded.
     # use_cpu without a GPU: otherwise a multi-process CPU launch (gloo) sees world size 1 and DeepSpeed's
     # batch-size check fails.
+    if recipe.training.liger_kernel and not torch.cuda.is_available():
+        raise UserError("training.liger_kernel: Liger-Kernel's Triton kernels need a CUDA GPU and this machine has "
+                        "none; set --training.liger_kernel=false")
     sft_args = SFTConfig(**recipe.sft_config_kwargs(), include_num_input_tokens_seen="non_padding",
                          logging_first_step=True, use_cpu=not torch.cuda.is_available())
     deepspeed = sft_args.deepspeed_plugin is not None
@@ -172,7 +175,8 @@ def _train(recipe, resume: bool):
         peft_config.adapter_dtype = recipe.model.dtype
 
     trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir,
-                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio, base_model=recipe.model.name_or_path)
+                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio, base_model=recipe.model.name_or_path,
+                           padding_free=recipe.training.padding_free)
     if is_edora and quant is not None and not deepspeed:
         # TRL casts a quantized model's trainable parameters to bf16; without DeepSpeed's fp32 master weights,
         # bf16 m (values ~1, updates ~1e-3) would stop moving. R and m are tiny: keep them fp32.
@@ -213,7 +217,7 @@ def data_summary(stats: dict, max_length: int) -> str:
 
 
 def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
-                 magnitude_lr_ratio: float | None = None, base_model: str | None = None):
+                 magnitude_lr_ratio: float | None = None, base_model: str | None = None, padding_free: bool = False):
     import torch
     from trl import SFTTrainer
 
@@ -270,7 +274,22 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
     trainer = Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft_config)
     quiet_progress(trainer)
+    if padding_free:
+        use_padding_free(trainer)
     return trainer
+
+
+def use_padding_free(trainer) -> None:
+    """Flatten each micro-batch into one row: TRL's collator then drops the padding and emits position_ids that
+    restart at every example (the attention masks are built from them) and labels -100 at each example's first
+    token, so the loss is the padded batch's: the sum over completion tokens / their count. Set here rather than
+    in SFTConfig, whose padding_free without packing TRL 1.16 refuses when max_length is set, though its dataset
+    preparation truncates every row to max_length either way (sft_trainer.py, "Truncate to max_length")."""
+    collator = trainer.data_collator
+    if not hasattr(collator, "padding_free"):
+        raise UserError(f"training.padding_free needs TRL's language-modeling collator, not {type(collator).__name__}")
+    collator.padding_free = True
+    trainer.padding_free = True
 
 
 def quiet_progress(trainer) -> None:
