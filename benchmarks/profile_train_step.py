@@ -32,6 +32,7 @@ def profiled_run(args) -> None:
     from transformers import TrainerCallback
 
     import pipeline.train as train_mod
+    import pipeline.trainer as trainer_mod
     from pipeline.cli import main as cli_main
 
     cuda = torch.cuda.is_available()
@@ -69,7 +70,7 @@ def profiled_run(args) -> None:
         else:
             gc_ms[0] += 1000 * (time.perf_counter() - gc_t0[0])
 
-    make = train_mod.make_trainer
+    make = trainer_mod.make_trainer
 
     def make_trainer(*a, **kw):
         trainer = make(*a, **kw)
@@ -94,7 +95,7 @@ def profiled_run(args) -> None:
 
     if timeline is not None:
         gc.callbacks.append(on_gc)
-    train_mod.make_trainer = make_trainer
+    trainer_mod.make_trainer = make_trainer
     recipe = RUNS[args.one][0]
     args_ = overrides(f"prof-{args.one}", Path(args.model), Path(args.data), Path(args.out), args.skip + args.steps,
                       args.accum, 1, args.batch)

@@ -6,6 +6,7 @@ so one RecipeError lists every problem.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def check_rules(r: Recipe, c: Checker) -> None:
         c.cross(("training.eval_steps",), "no eval data: set data.eval_size, data.eval_source or data.eval_split")
     if t.dataloader_num_workers < 0:
         c.err("training.dataloader_num_workers", f"{t.dataloader_num_workers} must be >= 0")
+    _check_speed(t, c)
     if "training.report_to" not in c.bad:
         from pipeline import trackers
 
@@ -203,6 +205,23 @@ def check_rules(r: Recipe, c: Checker) -> None:
         lc.accelerate_config = _check_local(c, "launcher.accelerate_config", lc.accelerate_config, "accelerate config")
         if "launcher.accelerate_config" not in c.bad:
             _check_launcher(r, c, _accelerate_settings(c, lc.accelerate_config))
+
+
+def _check_speed(t, c: Checker) -> None:
+    """The throughput options (issue 15)."""
+    if t.checkpoint_every_n_layers < 1:
+        c.err("training.checkpoint_every_n_layers", f"{t.checkpoint_every_n_layers} must be >= 1 (1 = every layer)")
+    elif t.checkpoint_every_n_layers > 1 and not t.gradient_checkpointing:
+        c.cross(("training.checkpoint_every_n_layers", "training.gradient_checkpointing"),
+                "only applies with gradient_checkpointing: true; set it back to 1 or turn checkpointing on")
+    if t.liger_kernel:
+        # find_spec only: importing liger_kernel pulls in Triton (and fails without it)
+        missing = [name for name in ("liger_kernel", "triton") if importlib.util.find_spec(name) is None]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            c.err("training.liger_kernel", f"needs {' and '.join(missing)}, which {verb} not installed; "
+                  "pip install 'edora-pipeline[liger]' (liger-kernel; Triton comes with CUDA builds of "
+                  "torch) on a CUDA machine, or set training.liger_kernel: false")
 
 
 def _check_eval(e: EvalConfig, c: Checker) -> None:

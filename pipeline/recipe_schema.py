@@ -149,6 +149,19 @@ class TrainingConfig:
         "mlflow, trackio, tensorboard, ... or a list; `pipeline run` logs the eval results to the same run "
         "(wandb, tensorboard).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
+    # Throughput options (issue 15); the defaults are the plain recipe.
+    padding_free: bool = _help(
+        "Flatten each micro-batch into one row without padding (position ids restart at each example, attention "
+        "stays inside it): the same rows and loss per step as padded batches, no compute on pad tokens. Works with "
+        "sdpa, eager, flex_attention and flash_attention_2.", default=False)
+    checkpoint_every_n_layers: int = _help(
+        "With gradient_checkpointing: recompute only every n-th decoder layer (1 = all; 2 = half of them), "
+        "trading memory for less recompute.", default=1)
+    liger_kernel: bool = _help(
+        "Liger-Kernel's Triton RMSNorm, SwiGLU and RoPE kernels (TRL's own fused LM-head loss stays). CUDA only; "
+        "needs the liger extra: pip install 'edora-pipeline[liger]'.", default=False)
+    torch_compile: bool = _help("Compile the model with torch.compile (inductor) through the trainer; the first "
+                                "steps pay the compile time.", default=False)
 
 
 @dataclass(kw_only=True)

@@ -35,9 +35,15 @@ def sft_config_kwargs(recipe) -> dict:
         eval_steps=(t.eval_steps or t.save_steps) if recipe.has_eval else None,
         report_to=t.report_to,
         dataloader_num_workers=t.dataloader_num_workers,
+        activation_checkpointing_kwargs=({"every_n_layers": t.checkpoint_every_n_layers}
+                                         if t.gradient_checkpointing and t.checkpoint_every_n_layers > 1 else None),
+        use_liger_kernel=t.liger_kernel,
+        torch_compile=t.torch_compile,
         max_length=recipe.data.max_length,
         dataset_num_proc=recipe.data.num_proc,
         completion_only_loss=True,  # prompt/completion rows: loss on the solution only
+        # training.padding_free is applied to the trainer's collator (trainer.make_trainer), not here: TRL 1.16
+        # refuses padding_free without packing when max_length is set, though it truncates to max_length itself
         packing=False,
     )
 

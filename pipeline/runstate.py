@@ -32,7 +32,10 @@ RECIPE_FILE = "recipe.yaml"
 # Keys that change how a run is logged, saved or launched, not what it trains: a resume may change them.
 BOOKKEEPING = {"output_dir", "training.logging_steps", "training.save_steps", "training.save_total_limit",
                "training.eval_steps", "training.report_to", "training.dataloader_num_workers",
-               "training.per_device_eval_batch_size", "data.num_proc"}
+               "training.per_device_eval_batch_size", "data.num_proc",
+               # how fast, not what: the same rows and loss (padding-free: tested), numerics aside
+               "training.padding_free", "training.checkpoint_every_n_layers", "training.liger_kernel",
+               "training.torch_compile"}
 BOOKKEEPING_SECTIONS = ("eval.",)  # what `run` evaluates after training changes nothing that was trained
 
 

@@ -136,6 +136,9 @@ def _train(recipe, resume: bool):
     # SFTConfig first: under a ZeRO-3 launcher it activates DeepSpeed so from_pretrained loads the model sharded.
     # use_cpu without a GPU: otherwise a multi-process CPU launch (gloo) sees world size 1 and DeepSpeed's
     # batch-size check fails.
+    if recipe.training.liger_kernel and not torch.cuda.is_available():
+        raise UserError("training.liger_kernel: Liger-Kernel's Triton kernels need a CUDA GPU and this machine has "
+                        "none; set --training.liger_kernel=false")
     sft_args = SFTConfig(**recipe.sft_config_kwargs(), include_num_input_tokens_seen="non_padding",
                          logging_first_step=True, use_cpu=not torch.cuda.is_available())
     deepspeed = sft_args.deepspeed_plugin is not None
@@ -172,7 +175,8 @@ def _train(recipe, resume: bool):
         peft_config.adapter_dtype = recipe.model.dtype
 
     trainer = make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir,
-                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio, base_model=recipe.model.name_or_path)
+                           magnitude_lr_ratio=recipe.adapter.magnitude_lr_ratio, base_model=recipe.model.name_or_path,
+                           padding_free=recipe.training.padding_free)
     if is_edora and quant is not None and not deepspeed:
         # TRL casts a quantized model's trainable parameters to bf16; without DeepSpeed's fp32 master weights,
         # bf16 m (values ~1, updates ~1e-3) would stop moving. R and m are tiny: keep them fp32.

@@ -14,7 +14,7 @@ logger = logging.getLogger("pipeline.train")  # the train stage's log, as before
 
 
 def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run_dir: Path,
-                 magnitude_lr_ratio: float | None = None, base_model: str | None = None):
+                 magnitude_lr_ratio: float | None = None, base_model: str | None = None, padding_free: bool = False):
     import torch
     from trl import SFTTrainer
 
@@ -71,7 +71,22 @@ def make_trainer(model, sft_args, train_ds, eval_ds, tokenizer, peft_config, run
     trainer = Trainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft_config)
     quiet_progress(trainer)
+    if padding_free:
+        use_padding_free(trainer)
     return trainer
+
+
+def use_padding_free(trainer) -> None:
+    """Flatten each micro-batch into one row: TRL's collator then drops the padding and emits position_ids that
+    restart at every example (the attention masks are built from them) and labels -100 at each example's first
+    token, so the loss is the padded batch's: the sum over completion tokens / their count. Set here rather than
+    in SFTConfig, whose padding_free without packing TRL 1.16 refuses when max_length is set, though its dataset
+    preparation truncates every row to max_length either way (sft_trainer.py, "Truncate to max_length")."""
+    collator = trainer.data_collator
+    if not hasattr(collator, "padding_free"):
+        raise UserError(f"training.padding_free needs TRL's language-modeling collator, not {type(collator).__name__}")
+    collator.padding_free = True
+    trainer.padding_free = True
 
 
 def quiet_progress(trainer) -> None:
