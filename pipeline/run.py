@@ -3,8 +3,9 @@
 Eval settings come from the recipe's `eval:` section (flags override them) and are checked before training starts.
 With `baseline`, the base model is evaluated first, on the same problems. Each stage writes its own outputs under
 runs/<name>/ (eval-base/, adapter/, merged/, eval/); this writes runs/<name>/report.md, base and fine-tuned side by
-side, with before_after.png. Rerunning after an interruption resumes: training from its last checkpoint (--resume),
-the merge is skipped when merged/ is complete, and the evals resume from their samples.jsonl.
+side, with before_after.png and (with a baseline) `pipeline compare`'s paired statistics (compare.{md,png,json}).
+Rerunning after an interruption resumes: training from its last checkpoint (--resume), the merge is skipped when
+merged/ is complete, and the evals resume from their samples.jsonl.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def free_accelerator_memory() -> None:
 
 
 def write_report(run_dir: Path, name: str, timings: dict | None = None) -> Path:
+    from pipeline.compare import run_comparison
     from pipeline.train import read_metrics
 
     lines = [f"# {name}", ""]
@@ -217,6 +219,7 @@ def write_report(run_dir: Path, name: str, timings: dict | None = None) -> Path:
         plot = plot_before_after(base, after, run_dir / "before_after.png")
         if plot:
             lines += [f"![before and after]({plot.name})", ""]
+        lines += run_comparison(run_dir)  # with a baseline: compare.{md,png,json} and the paired notes
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         train_rows = [r for r in read_metrics(metrics) if "loss" in r]
