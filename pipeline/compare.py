@@ -305,5 +305,7 @@ def run_comparison(run_dir: Path) -> list[str]:
         lo, hi = p["ci95"]
         lines.append(f"| {p['task']} | {p['metric']} | {p['n']} | {100 * p['diff']:+.2f} pts | "
                      f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {p['only_a']} / {p['only_b']} | {p['mcnemar_p']:.3g} |")
+    if not result["pairs"]:
+        lines.append("| (no problem graded in both evals: samples.jsonl missing or the problems differ) |" + " |" * 6)
     return lines + ["", f"{result['method']['interval']}; {result['method']['test']}. Details: compare.md "
                         "(`python -m pipeline compare` on eval-base/ and eval/).", ""]
