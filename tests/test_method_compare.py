@@ -93,6 +93,9 @@ def test_sweep_runs_through_the_cli_then_resumes_without_redoing_rows(tmp_path):
     assert all(e["status"] == "ok" and e["n"] == 3 for e in res["eval"].values())
     assert (tmp_path / "runs" / res["selected"]["edora"] / "merged" / "merge_report.json").exists()
     assert results.with_suffix(".md").exists() and results.with_suffix(".png").exists()
+    paired = json.loads(results.with_name("res_compare.json").read_text())  # pipeline compare over the rows
+    assert [m["label"] for m in paired["models"]] == ["base", "edora", "full"]
+    assert {(p["a"], p["b"]) for p in paired["pairs"]} >= {("base", "edora"), ("base", "full"), ("edora", "full")}
 
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
