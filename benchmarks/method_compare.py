@@ -14,6 +14,11 @@ run of each method (and the base model) on each eval set; `report` writes JSON +
 rows are kept in --results and skipped, an interrupted training job continues from its last checkpoint
 (`train --resume`) and an interrupted eval from its samples.jsonl, so a sweep can be spread over short GPU calls.
 Jobs run as concurrent CLI processes (`--parallel`): a small model leaves one GPU mostly idle.
+
+On a GPU host whose disk is lost after the session, `--export DIR` packs every finished eval dir into one archive
+(DIR/method_compare_<label>_evals.tar.xz) beside a copy of the results JSON; later, locally,
+`--phase report --evals-archive FILE` unpacks it and writes `pipeline compare`'s paired statistics over the rows
+(method_compare_<label>_compare.{md,png,json}). Without an archive the report compares the eval dirs under --work.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]
+import method_compare_evals as evals  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("edora", "loraxs", "lora", "dora", "full")
 # 4x-spaced grids around each method's published learning rate (EDoRA/LoRA-XS 4e-3, LoRA/DoRA 2e-4 at 7B; small
@@ -74,6 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--merge-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (kept in the JSON)")
+    p.add_argument("--export", metavar="DIR", help="also write DIR/method_compare_<label>_evals.tar.xz (every finished "
+                                                   "eval dir) and a copy of the results JSON: what a GPU call brings "
+                                                   "back in $OUT")
+    p.add_argument("--evals-archive", metavar="FILE", help="an --export archive: unpacked under --work, then the "
+                                                           "report compares its rows (pipeline compare)")
     return p.parse_args(argv)
 
 
@@ -330,13 +343,31 @@ def eval_jobs(args, res, work: Path, save) -> list[Job]:
 # --- report -----------------------------------------------------------------------------------------------------
 
 
+def lr_edges(res: dict) -> dict[str, str]:
+    """method row -> a note when its chosen learning rate is the lowest or highest of the grid it was chosen from:
+    the held-out loss may keep falling beyond that edge, so the grid should be widened before trusting the pick."""
+    notes = {}
+    for row, name in res.get("selected", {}).items():
+        lrs = sorted({e["lr"] for e in res["train"].values() if e.get("row") == row and e.get("status") == "ok"})
+        lr = res["train"][name]["lr"]
+        if len(lrs) < 2 or lr not in (lrs[0], lrs[-1]):
+            continue
+        top = lr == lrs[-1]
+        step = lrs[-1] / lrs[-2] if top else lrs[1] / lrs[0]  # the grid's own spacing, one more step out
+        wider = lrs + [lr * step] if top else [lr / step] + lrs
+        notes[row] = (f"{row}: lr at the grid's {'top' if top else 'bottom'} edge ({lr:g} of "
+                      f"{', '.join(f'{x:g}' for x in lrs)}): widen the grid, e.g. --lrs "
+                      f"'{row}={':'.join(f'{x:g}' for x in wider)}'")
+    return notes
+
+
 def write_report(res: dict, stem: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    meta, sel = res.get("meta", {}), res.get("selected", {})
+    meta, sel, edges = res.get("meta", {}), res.get("selected", {}), lr_edges(res)
     lines = [f"# Method comparison on real weights: {res['setup']['model']}", "",
              f"Command: `{meta.get('command', '')}`  ", f"Commit {meta.get('commit', '?')}, {meta.get('machine', '?')}, "
              f"model sha256 {meta.get('model_sha256', '?')[:16]}", "",
@@ -347,17 +378,18 @@ def write_report(res: dict, stem: Path) -> None:
              *[f"- {note}" for note in meta.get("notes", [])], "",
              "Learning rates are chosen per method by the lowest held-out loss on training rows held out of the "
              "training data (never on a test set); only the chosen run is evaluated.", "",
-             "## Sweep (held-out loss, lower is better; * = chosen)", "",
+             "## Sweep (held-out loss, lower is better; * = chosen; edge = chosen at the grid's edge)", "",
              "| row | method | lr | trainable | steps | held-out loss | last train loss | tokens/s | peak GiB | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(res["train"].items()):
         if e.get("status") != "ok":
             lines.append(f"| {e['row']} | {e['method']} | {e['lr']:g} | | | {e['status']} | | | | |")
             continue
-        star = "*" if sel.get(e["row"]) == name else ""
+        star = ("*" + (" edge" if e["row"] in edges else "")) if sel.get(e["row"]) == name else ""
         lines.append(f"| {e['row']} | {e['method']} | {e['lr']:g}{star} | {e['trainable']:,} | {e['steps']} | "
                      f"{e['heldout_loss']:.4f} | {e['loss_curve'][-1][1]:.4f} | {e['tokens_per_s'] or 0:,.0f} | "
                      f"{e['peak_gpu_gib'] or 0} | {e['wall_s']:.0f} |")
+    lines += [""] + [f"- {note}" for note in edges.values()]
     sets = sorted({e["set"] for e in res["eval"].values()})
     lines += ["", "## Accuracy of the chosen run of each method", ""]
     header = "| row | lr | trainable |"
@@ -382,6 +414,10 @@ def write_report(res: dict, stem: Path) -> None:
     samp = next((e["sampling"] for e in res["eval"].values() if e.get("sampling")), None)
     lines += ["", f"Eval: greedy, sampling {json.dumps(samp)}, backend "
                   f"{next((e['backend'] for e in res['eval'].values() if e.get('backend')), '?')}.", ""]
+    paired = Path(f"{stem}_compare.md")
+    if paired.exists():
+        lines += [f"Paired on the same problems (differences with 95% intervals, McNemar): [{paired.name}]"
+                  f"({paired.name}).", ""]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -456,8 +492,12 @@ def main(argv=None) -> int:
                                                                                          else argv),
                            commit=commit or "?", machine=machine())
     save()
-    write_report(res, RESULTS / f"method_compare_{args.label}" if not args.results else path.with_suffix(""))
+    stem = RESULTS / f"method_compare_{args.label}" if not args.results else path.with_suffix("")
+    evals.compare_evals(args, res, work, stem, EVAL_TASK)
+    write_report(res, stem)
     print(Path(str(path.with_suffix("")) + ".md").read_text()[-3000:])
+    if args.export:
+        evals.export_run(args, res, work, path)
     return 0
 
 

@@ -126,21 +126,31 @@ def combine(evals: list[dict]) -> dict:
     return {"path": ", ".join(e["path"] for e in evals), "summary": summary, "rows": rows}
 
 
+BASE_DIRS = ("eval-base", "eval_base")  # where `pipeline run --baseline` keeps the base model's eval
+
+
+def label_of(eval_dir: Path) -> str:
+    """runs/<name>/eval -> <name>; runs/<name>/eval-base -> <name>/base; any other eval dir -> its own name."""
+    d = eval_dir.resolve()
+    if d.name in ("eval", ""):
+        return d.parent.name
+    return f"{d.parent.name}/base" if d.name in BASE_DIRS else d.name
+
+
 def models_in(path: Path) -> list[tuple[str, dict]]:
     """(label, eval) per model a dir holds: an eval dir is one; a run dir's eval dirs of the same evaluated model are
-    one (labelled with the run's name), of different models (e.g. the base model beside the fine-tuned one) several
-    (labelled run/dir)."""
+    one (labelled with the run's name), of different models (e.g. the base model beside the fine-tuned one) several,
+    the base model's first (labelled run/base, run, run/<dir>)."""
     dirs = find_eval_dirs(path)
     if dirs == [path]:
-        return [(path.name if path.name not in ("eval", "") else path.resolve().parent.name, load_eval(path))]
+        return [(label_of(path), load_eval(path))]
     groups: dict[str, list[dict]] = {}
-    for d in dirs:
+    for d in sorted(dirs, key=lambda d: d.name not in BASE_DIRS):
         e = load_eval(d)
         groups.setdefault(str(e["summary"].get("model")), []).append(e)
-    name = path.resolve().name
     if len(groups) == 1:
-        return [(name, combine(next(iter(groups.values()))))]
-    return [(f"{name}/{Path(g[0]['path']).name}", combine(g)) for g in groups.values()]
+        return [(path.resolve().name, combine(next(iter(groups.values()))))]
+    return [(label_of(Path(g[0]["path"])), combine(g)) for g in groups.values()]
 
 
 # --- the comparison -------------------------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def write_markdown(out: Path, result: dict, plot_name: str) -> Path:
+def write_markdown(out: Path, result: dict, plot_name: str, stem: str = "compare") -> Path:
     labels = [m["label"] for m in result["models"]]
     lines = ["# Comparison", "", "| model | dir | evaluated model | backend | limit |", "|---|---|---|---|---|"]
     lines += [f"| {m['label']} | `{m['path']}` | `{m['model']}` | {m['backend']} | {m['limit']} |"
@@ -211,12 +221,12 @@ def write_markdown(out: Path, result: dict, plot_name: str) -> Path:
     lines += ["", f"Interval: {result['method']['interval']}. Test: {result['method']['test']}. A difference whose "
               "interval excludes 0 and whose p < 0.05 is unlikely to be noise on these problems; it says nothing "
               "about other problems.", "", f"![comparison]({plot_name})"]
-    path = out / "compare.md"
+    path = out / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def write_plot(out: Path, result: dict) -> Path:
+def write_plot(out: Path, result: dict, stem: str = "compare") -> Path:
     """Horizontal grouped bars (a suite has many rows): one group per task and metric, one bar per model, n shown."""
     import matplotlib
 
@@ -243,7 +253,7 @@ def write_plot(out: Path, result: dict) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("accuracy by task and metric", fontsize=9)
     fig.tight_layout()
-    path = out / "compare.png"
+    path = out / f"{stem}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -265,11 +275,37 @@ def main(args) -> int:
     if len(set(labels)) != len(labels):
         raise UserError(f"model labels repeat ({', '.join(labels)}); name them with --labels a,b,...")
     result = compare([e for _, e in models], labels)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot = write_plot(out, result)
-    md = write_markdown(out, result, plot.name)
+    md = write_outputs(Path(args.out), result)
     print(md.read_text())
-    logger.info("wrote %s (compare.md, compare.png, compare.json)", out)
+    logger.info("wrote %s (compare.md, compare.png, compare.json)", args.out)
     return 0
+
+
+def write_outputs(out: Path, result: dict, stem: str = "compare") -> Path:
+    """<stem>.json, <stem>.png and <stem>.md (returned) in out."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot = write_plot(out, result, stem)
+    return write_markdown(out, result, plot.name, stem)
+
+
+def run_comparison(run_dir: Path) -> list[str]:
+    """For `pipeline run`'s report: when the run holds the base model's eval beside the fine-tuned one's, write
+    runs/<name>/compare.{md,png,json} (labels base, fine-tuned) and return the report's paired lines."""
+    base = next((run_dir / d for d in BASE_DIRS if (run_dir / d / "summary.json").is_file()), None)
+    if base is None or not (run_dir / "eval" / "summary.json").is_file():
+        return []
+    result = compare([load_eval(base), load_eval(run_dir / "eval")], ["base", "fine-tuned"])
+    write_outputs(run_dir, result)
+    lines = ["## Is the change more than noise?", "",
+             "Paired on the same problems: fine-tuned minus base, with the problems only one of them got right.", "",
+             "| task | metric | n | change | 95% interval | only base / only fine-tuned | McNemar p |",
+             "|---|---|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        lo, hi = p["ci95"]
+        lines.append(f"| {p['task']} | {p['metric']} | {p['n']} | {100 * p['diff']:+.2f} pts | "
+                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {p['only_a']} / {p['only_b']} | {p['mcnemar_p']:.3g} |")
+    if not result["pairs"]:
+        lines.append("| (no problem graded in both evals: samples.jsonl missing or the problems differ) |" + " |" * 6)
+    return lines + ["", f"{result['method']['interval']}; {result['method']['test']}. Details: compare.md "
+                        "(`python -m pipeline compare` on eval-base/ and eval/).", ""]

@@ -147,7 +147,7 @@ class TrainingConfig:
     report_to: str | list[str] = _help(
         "Trackers the metrics go to besides runs/<name>/metrics.jsonl, as transformers names them: none, wandb, "
         "mlflow, trackio, tensorboard, ... or a list; `pipeline run` logs the eval results to the same run "
-        "(wandb, tensorboard).", default="none")
+        "(wandb, mlflow, trackio, tensorboard).", default="none")
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     # Throughput options (issue 15); the defaults are the plain recipe.
     padding_free: bool = _help(

@@ -3,8 +3,9 @@
 Eval settings come from the recipe's `eval:` section (flags override them) and are checked before training starts.
 With `baseline`, the base model is evaluated first, on the same problems. Each stage writes its own outputs under
 runs/<name>/ (eval-base/, adapter/, merged/, eval/); this writes runs/<name>/report.md, base and fine-tuned side by
-side, with before_after.png. Rerunning after an interruption resumes: training from its last checkpoint (--resume),
-the merge is skipped when merged/ is complete, and the evals resume from their samples.jsonl.
+side, with before_after.png and (with a baseline) `pipeline compare`'s paired statistics (compare.{md,png,json}).
+Rerunning after an interruption resumes: training from its last checkpoint (--resume), the merge is skipped when
+merged/ is complete, and the evals resume from their samples.jsonl.
 """
 
 from __future__ import annotations

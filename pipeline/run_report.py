@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def write_report(run_dir: Path, name: str, timings: dict | None = None) -> Path:
+    from pipeline.compare import run_comparison
     from pipeline.trainer import read_metrics
 
     lines = [f"# {name}", ""]
@@ -18,6 +19,7 @@ def write_report(run_dir: Path, name: str, timings: dict | None = None) -> Path:
         plot = plot_before_after(base, after, run_dir / "before_after.png")
         if plot:
             lines += [f"![before and after]({plot.name})", ""]
+        lines += run_comparison(run_dir)  # with a baseline: compare.{md,png,json} and the paired notes
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         train_rows = [r for r in read_metrics(metrics) if "loss" in r]

@@ -1,10 +1,12 @@
 """Experiment trackers: `training.report_to` names what transformers' Trainer reports to; when `pipeline eval` (or
-`run`) evaluates runs/<name>/merged, the eval accuracies go to the same tracker run (W&B and TensorBoard).
+`run`) evaluates runs/<name>/merged, the eval accuracies go to the same tracker run (W&B, MLflow, trackio and
+TensorBoard).
 
 Training metrics reach every tracker through transformers' own callbacks. This module only (1) checks the names and
-that their packages are installed, (2) keeps the trackers' files inside the run dir (W&B under runs/<name>/wandb,
-MLflow under runs/<name>/mlruns unless the environment says otherwise), (3) records which tracker run the training
-wrote to (runs/<name>/trackers.json) and (4) logs eval results there.
+that their packages are installed, (2) keeps the trackers' files inside the run dir unless the environment says
+otherwise (W&B under runs/<name>/wandb, MLflow in the SQLite store runs/<name>/mlflow.db; trackio keeps its own
+store, TRACKIO_DIR or ~/.cache/huggingface/trackio, where `trackio show` reads every project), (3) records which
+tracker run the training wrote to (runs/<name>/trackers.json) and (4) logs eval results there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -28,6 +33,8 @@ MODULES = {"azure_ml": "azureml", "clearml": "clearml", "codecarbon": "codecarbo
            "neptune": "neptune", "swanlab": "swanlab", "tensorboard": "tensorboard", "trackio": "trackio",
            "wandb": "wandb"}
 RECORD_FILE = "trackers.json"
+# pip extras of this project (pyproject.toml) that install a tracker at the version tested here
+EXTRAS = {"mlflow": "mlflow", "trackio": "trackio"}
 
 
 def names(report_to: str | list[str]) -> list[str]:
@@ -44,8 +51,15 @@ def problems(report_to: str | list[str]) -> list[str]:
         if v not in TRACKERS + SPECIAL:
             out.append(f"unknown tracker {v!r}; choose from {', '.join(SPECIAL + TRACKERS)} (or a list of them)")
         elif v in MODULES and importlib.util.find_spec(MODULES[v]) is None:
-            out.append(f"tracker {v!r} needs the {MODULES[v]!r} package: pip install {v.replace('_', '-')} "
-                       "(requirements.txt pins wandb)")
+            how = (f"pip install -e '.[{EXTRAS[v]}]' (the tested version)" if v in EXTRAS else
+                   f"pip install {v.replace('_', '-')}" + (" (requirements.txt pins it)" if v == "wandb" else ""))
+            out.append(f"tracker {v!r} needs the {MODULES[v]!r} package: {how}")
+        elif v == "mlflow" and _mlflow_store_here() and not all(importlib.util.find_spec(m) for m in
+                                                                   ("sqlalchemy", "alembic")):
+            # MLflow 3.17 refuses its plain-file store (maintenance mode); the run dir gets a SQLite store instead
+            out.append("tracker 'mlflow' keeps its runs in runs/<name>/mlflow.db (SQLite), which needs the "
+                       "'sqlalchemy' and 'alembic' packages: pip install -e '.[mlflow]', or point "
+                       "MLFLOW_TRACKING_URI at your MLflow server")
     if "none" in values and len(values) > 1:
         out.append(f"{values}: 'none' cannot be combined with trackers; drop it or use report_to: none alone")
     return out
@@ -54,9 +68,18 @@ def problems(report_to: str | list[str]) -> list[str]:
 _SET_HERE: set[str] = set()  # variables this module set (a later run in the same process moves them)
 
 
+def _mlflow_store_here() -> bool:
+    """Whether MLflow's store will be the run dir's SQLite file (MLFLOW_TRACKING_URI unset, or set by prepare)."""
+    return "MLFLOW_TRACKING_URI" not in os.environ or "MLFLOW_TRACKING_URI" in _SET_HERE
+
+
 def prepare(run_dir: Path) -> None:
-    """Keep tracker files inside the run dir unless the user already pointed them elsewhere."""
-    for key, value in (("WANDB_DIR", str(run_dir)), ("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())):
+    """Keep tracker files inside the run dir unless the user already pointed them elsewhere.
+
+    Not trackio's: it reads TRACKIO_DIR once, when imported, and TRL imports it with the trainer (before any run
+    dir is known); record() writes down the dir it used."""
+    run_dir = run_dir.resolve()
+    for key, value in (("WANDB_DIR", str(run_dir)), ("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir / 'mlflow.db'}")):
         if key not in os.environ or key in _SET_HERE:
             os.environ[key] = value
             _SET_HERE.add(key)
@@ -75,6 +98,19 @@ def record(run_dir: Path, trainer) -> dict:
                             "dir": os.environ.get("WANDB_DIR"), "mode": "offline" if wandb.run.offline else "online",
                             "step": trainer.state.global_step}
             wandb.finish()
+    if "mlflow" in selected:
+        import mlflow
+
+        run = mlflow.last_active_run()  # transformers' callback ended it at the end of training
+        if run is not None:
+            rec["mlflow"] = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                             "tracking_uri": mlflow.get_tracking_uri(), "step": trainer.state.global_step}
+    if "trackio" in selected:
+        import trackio.utils
+
+        # transformers' callback opens the run by name (TrainingArguments.run_name) in TrainingArguments.project
+        rec["trackio"] = {"project": trainer.args.project, "run": trainer.args.run_name,
+                          "dir": str(trackio.utils.TRACKIO_DIR), "step": trainer.state.global_step}
     if "tensorboard" in selected:
         # the callback picks the dir (TENSORBOARD_LOGGING_DIR, else runs/<name>/runs/<date>_<host>)
         tb = [cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback"]
@@ -115,6 +151,18 @@ def log_eval(run_dir: Path, summary: dict) -> list[str]:
         run.summary.update(metrics)
         run.finish()
         done.append("wandb")
+    if "mlflow" in rec and metrics:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        m = rec["mlflow"]
+        now = int(time.time() * 1000)
+        MlflowClient(tracking_uri=m["tracking_uri"]).log_batch(
+            m["run_id"], metrics=[Metric(k, float(v), now, m["step"]) for k, v in metrics.items()])
+        done.append("mlflow")
+    if "trackio" in rec and metrics:
+        log_trackio(rec["trackio"], metrics)
+        done.append("trackio")
     if "tensorboard" in rec and metrics:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -126,3 +174,30 @@ def log_eval(run_dir: Path, summary: dict) -> list[str]:
     if done:
         logger.info("eval results logged to the training's %s run", " and ".join(done))
     return done
+
+
+_TRACKIO_LOG = """
+import json, sys
+import trackio
+t, metrics = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+trackio.init(project=t["project"], name=t["run"], resume="must", auto_log_cpu=False, auto_log_gpu=False)
+trackio.log({**metrics, "train/global_step": t["step"]})
+trackio.finish()
+"""
+
+
+def log_trackio(t: dict, metrics: dict) -> None:
+    """Reopen the training's trackio run (by name) and log the eval metrics at the training's last step.
+
+    trackio fixes its storage dir when it is first imported: in this process when its trackio already points at the
+    recorded dir (`run` right after training), else in a child process with TRACKIO_DIR set."""
+    here = sys.modules.get("trackio.utils")
+    if here is None or str(here.TRACKIO_DIR) != t["dir"]:
+        subprocess.run([sys.executable, "-c", _TRACKIO_LOG, json.dumps(t), json.dumps(metrics)], check=True,
+                       env={**os.environ, "TRACKIO_DIR": t["dir"]}, stdout=subprocess.DEVNULL)
+        return
+    import trackio
+
+    trackio.init(project=t["project"], name=t["run"], resume="must", auto_log_cpu=False, auto_log_gpu=False)
+    trackio.log({**metrics, "train/global_step": t["step"]})
+    trackio.finish()

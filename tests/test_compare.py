@@ -120,11 +120,48 @@ def test_run_dirs_group_evals_by_model(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert cli_main(["compare", str(run), str(demo), "--out", str(out)]) == 0
     result = json.loads((out / "compare.json").read_text())
-    assert [m["label"] for m in result["models"]] == ["edora", "demo/eval", "demo/eval_base"]
+    # the base model's eval first (pairs read fine-tuned minus base)
+    assert [m["label"] for m in result["models"]] == ["edora", "demo/base", "demo"]
     cells = {(r["task"], r["metric"]): {k: v["correct"] for k, v in r["models"].items()} for r in result["table"]}
-    assert cells[("gsm8k", "strict")] == {"edora": 12, "demo/eval": 8, "demo/eval_base": 2}
+    assert cells[("gsm8k", "strict")] == {"edora": 12, "demo": 8, "demo/base": 2}
     assert cells[("math", "math_verify")] == {"edora": 3}
-    base_vs_ft = next(p for p in result["pairs"] if (p["a"], p["b"], p["metric"]) == ("demo/eval", "demo/eval_base",
-                                                                                         "strict"))
-    assert (base_vs_ft["only_a"], base_vs_ft["only_b"], base_vs_ft["mcnemar_p"]) == (6, 0, 2 / 64)
+    base_vs_ft = next(p for p in result["pairs"] if (p["a"], p["b"], p["metric"]) == ("demo/base", "demo", "strict"))
+    assert (base_vs_ft["only_a"], base_vs_ft["only_b"], base_vs_ft["mcnemar_p"]) == (0, 6, 2 / 64)
     capsys.readouterr()
+
+
+def test_run_report_compares_the_base_eval_with_the_fine_tuned_one(tmp_path, capsys):
+    """The layout `pipeline run --baseline` leaves (runs/<name>/eval-base, runs/<name>/eval): the run's report gets
+    the paired notes and compare.{md,png,json}, and `pipeline compare` renders the same two dirs."""
+    from pipeline.run import write_report
+
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run = tmp_path / "runs" / "demo"
+    _eval_dir(tmp_path, data, run / "eval-base", {0, 1})
+    _eval_dir(tmp_path, data, run / "eval", set(range(8)))
+    report = write_report(run, "demo").read_text()
+    result = json.loads((run / "compare.json").read_text())
+    assert [m["label"] for m in result["models"]] == ["base", "fine-tuned"]
+    strict = next(p for p in result["pairs"] if p["metric"] == "strict")
+    # ids 2-7 right only after fine-tuning: +6/20 = +30 pts, McNemar p = 2 * (1/2)^6
+    assert (strict["n"], strict["only_a"], strict["only_b"], strict["diff"], strict["mcnemar_p"]) == (
+        20, 0, 6, 0.3, 2 / 64)
+    assert "## Is the change more than noise?" in report
+    lo, hi = strict["ci95"]
+    assert 0 < lo < 0.3 < hi <= 0.6
+    assert f"| gsm8k | strict | 20 | +30.00 pts | [{100 * lo:+.2f}, {100 * hi:+.2f}] | 0 / 6 | 0.0312 |" in report
+    assert (run / "compare.md").is_file() and (run / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", str(run / "eval-base"), str(run / "eval"), "--out", str(out)]) == 0
+    cli = json.loads((out / "compare.json").read_text())
+    assert [m["label"] for m in cli["models"]] == ["demo/base", "demo"]
+    assert [p["mcnemar_p"] for p in cli["pairs"]] == [p["mcnemar_p"] for p in result["pairs"]]
+    assert cli_main(["compare", str(run), "--out", str(tmp_path / "cmp2")]) == 0  # the run dir itself: same columns
+    assert [m["label"] for m in json.loads((tmp_path / "cmp2" / "compare.json").read_text())["models"]] == [
+        "demo/base", "demo"]
+    capsys.readouterr()
+    # no baseline: no comparison
+    solo = tmp_path / "runs" / "solo"
+    _eval_dir(tmp_path, data, solo / "eval", {1})
+    assert "noise" not in write_report(solo, "solo").read_text() and not (solo / "compare.json").exists()

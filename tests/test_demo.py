@@ -61,5 +61,12 @@ def test_demo_in_reduced_form_through_the_cli(smollm2_gguf, tmp_path):
     report = (run / "report.md").read_text()
     assert "## Before -> after" in report and "| gsm8k answers in the `The answer is: N` format |" in report
     assert f"| {b['gold_loss']['loss']:.4f} | {a['gold_loss']['loss']:.4f} |" in report
-    for png in ("before_after.png", "loss.png"):
+    for png in ("before_after.png", "loss.png", "compare.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    # the paired comparison of the two evals, in the report and as `pipeline compare` renders it
+    pairs = json.loads((run / "compare.json").read_text())["pairs"]
+    assert {(p["metric"], p["n"]) for p in pairs} == {("strict", 2), ("flexible", 2)}
+    assert "## Is the change more than noise?" in report
+    assert cli_main(["compare", str(run / "eval-base"), str(run / "eval"), "--out", str(tmp_path / "cmp")]) == 0
+    assert [m["label"] for m in json.loads((tmp_path / "cmp" / "compare.json").read_text())["models"]] == [
+        "demo/base", "demo"]

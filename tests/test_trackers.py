@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 from helpers import gsm8k_rows, tiny_llama, tiny_tokenizer, write_recipe
+from tests_paths import ROOT
 
 from pipeline import trackers
 from pipeline.cli import main as cli_main
@@ -114,3 +115,91 @@ def test_wandb_offline_run_gets_training_and_eval_metrics(tmp_path, monkeypatch)
     # TensorBoard: the training's event files plus the eval scalars
     events = list(run.rglob("events.out.tfevents.*"))
     assert len(events) >= 2
+
+
+def _trackio_logs(trackio_dir, project, run):
+    """The rows trackio stored for a run, read by trackio itself in a child process (it fixes its dir on import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
+            "print(json.dumps(SQLiteStorage.get_logs(sys.argv[1], sys.argv[2])))")
+    out = subprocess.run([sys.executable, "-c", code, project, run], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TRACKIO_DIR": str(trackio_dir)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # ~45 s: a tiny training, merge and eval in a child process, then trackio in another
+def test_mlflow_and_trackio_runs_get_training_and_eval_metrics(tmp_path):
+    """report_to [mlflow, trackio] through `python -m pipeline run` (a child process, so trackio, which fixes its
+    store when imported, writes under tmp_path): the real packages, offline; MLflow's store is inside the run dir; the
+    eval after training lands in the same MLflow run and the same trackio run, read back by each package's reader."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlflow")
+    pytest.importorskip("trackio")
+    root = tmp_path / "setup"
+    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    tiny_tokenizer(root / "model")
+    with open(root / "gsm8k.jsonl", "w") as f:
+        for row in gsm8k_rows(24):
+            f.write(json.dumps(row) + "\n")
+    recipe = write_recipe(root, "mt", tmp_path, training={"max_steps": 3, "report_to": ["mlflow", "trackio"]})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()  # nothing may land in the working directory (MLflow's default ./mlruns)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACKIO_"))}
+    env.update(TRACKIO_DIR=str(tmp_path / "trackio"), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe), "--backend", "hf", "--tasks", "gsm8k",
+                           "--limit", "2", "--max-tokens", "8", "--merge-dtype", "float32", "--data-file",
+                           f"gsm8k={root / 'gsm8k.jsonl'}"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "mt"
+    rec = json.loads((run / "trackers.json").read_text())
+    assert rec["mlflow"]["tracking_uri"] == f"sqlite:///{run / 'mlflow.db'}" and rec["mlflow"]["step"] == 3
+    assert rec["trackio"] == {"project": "huggingface", "run": "mt", "dir": str(tmp_path / "trackio"), "step": 3}
+    assert list(cwd.iterdir()) == []
+    train_losses = [m["loss"] for m in (json.loads(line) for line in (run / "metrics.jsonl").open()) if "loss" in m]
+    expected = trackers.eval_metrics(json.loads((run / "eval" / "summary.json").read_text()))
+    assert "eval/gsm8k/strict" in expected
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=rec["mlflow"]["tracking_uri"])
+    history = client.get_metric_history(rec["mlflow"]["run_id"], "loss")
+    assert [(h.step, h.value) for h in history] == list(zip([1, 2, 3], train_losses))
+    for key, value in expected.items():
+        (point,) = client.get_metric_history(rec["mlflow"]["run_id"], key)
+        assert (point.step, point.value) == (3, value)
+    assert client.get_run(rec["mlflow"]["run_id"]).data.params["learning_rate"] == "0.02"
+
+    logs = _trackio_logs(tmp_path / "trackio", "huggingface", "mt")
+    assert [(r["train/global_step"], r["train/loss"]) for r in logs if "train/loss" in r] == list(
+        zip([1, 2, 3], train_losses))
+    (last,) = [r for r in logs if "eval/gsm8k/strict" in r]
+    assert {k: last[k] for k in expected} == expected and last["train/global_step"] == 3
+    # a later `pipeline eval` in a process whose trackio points elsewhere (here: none imported, or the default
+    # store): the child process writes to the recorded dir
+    trackers.log_trackio(rec["trackio"], {"eval/x/strict": 0.25})
+    (row,) = [r for r in _trackio_logs(tmp_path / "trackio", "huggingface", "mt") if "eval/x/strict" in r]
+    assert (row["eval/x/strict"], row["train/global_step"]) == (0.25, 3)
+
+
+def test_tracker_extras_are_exact_pins_of_the_tested_versions():
+    """pyproject's mlflow and trackio extras: exact pins, and the versions installed here (the ones the slow test
+    ran with) are those pins."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import PackageNotFoundError, version
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for tracker, extra in trackers.EXTRAS.items():
+        assert extras[extra] and all("==" in pin for pin in extras[extra]), (tracker, extras.get(extra))
+        for pin in extras[extra]:
+            name, _, wanted = pin.partition("==")
+            try:
+                assert version(name) == wanted, pin
+            except PackageNotFoundError:
+                pass  # not installed here: the slow test skips
