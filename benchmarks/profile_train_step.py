@@ -31,7 +31,6 @@ def profiled_run(args) -> None:
     from train_7b_shape import RUNS, overrides
     from transformers import TrainerCallback
 
-    import pipeline.train as train_mod
     import pipeline.trainer as trainer_mod
     from pipeline.cli import main as cli_main
 

@@ -133,7 +133,7 @@ def test_run_dirs_group_evals_by_model(tmp_path, capsys):
 def test_run_report_compares_the_base_eval_with_the_fine_tuned_one(tmp_path, capsys):
     """The layout `pipeline run --baseline` leaves (runs/<name>/eval-base, runs/<name>/eval): the run's report gets
     the paired notes and compare.{md,png,json}, and `pipeline compare` renders the same two dirs."""
-    from pipeline.run import write_report
+    from pipeline.run_report import write_report
 
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -15,7 +15,7 @@ BASE = {"pipeline", "pipeline.errors", "pipeline.dtypes", "pipeline.specs", "pip
         "pipeline.adapter_meta"}
 STAGES = {"pipeline.train", "pipeline.merge", "pipeline.evaluate", "pipeline.serve", "pipeline.validate",
           "pipeline.compare", "pipeline.install"}
-TOP = {"pipeline.run": 3, "pipeline.cli": 4, "pipeline.__main__": 4}
+TOP = {"pipeline.run": 3, "pipeline.run_report": 3, "pipeline.cli": 4, "pipeline.__main__": 4}
 
 
 def layer(module: str) -> int:
