@@ -107,6 +107,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_setup, tmp_path, caps
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two launched processes, ~20 s
 def test_zero3_two_processes_on_cpu_saves_an_adapter_that_reloads_equal(tiny_setup, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
