@@ -211,10 +211,7 @@ def write_markdown(out: Path, result: dict, plot_name: str, stem: str = "compare
               "| task | metric | A | B | n | B - A | 95% interval | only A / only B | McNemar p |",
               "|---|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
-        lo, hi = p["ci95"]
-        lines.append(f"| {p['task']} | {p['metric']} | {p['a']} | {p['b']} | {p['n']} | "
-                     f"{100 * p['diff']:+.2f} pts | [{100 * lo:+.2f}, {100 * hi:+.2f}] | {p['only_a']} / "
-                     f"{p['only_b']} | {p['mcnemar_p']:.3g} |")
+        lines.append(f"| {p['task']} | {p['metric']} | {p['a']} | {p['b']} | {p['n']} | {_paired_cells(p)} |")
     if not result["pairs"]:
         lines.append("| (no pair of models graded the same problems: samples.jsonl missing or disjoint) |"
                      + " |" * 8)
@@ -289,6 +286,13 @@ def write_outputs(out: Path, result: dict, stem: str = "compare") -> Path:
     return write_markdown(out, result, plot.name, stem)
 
 
+def _paired_cells(p: dict) -> str:
+    """change | 95% interval | only A / only B | McNemar p: the cells every paired table shows."""
+    lo, hi = p["ci95"]
+    return (f"{100 * p['diff']:+.2f} pts | [{100 * lo:+.2f}, {100 * hi:+.2f}] | {p['only_a']} / {p['only_b']} | "
+            f"{p['mcnemar_p']:.3g}")
+
+
 def run_comparison(run_dir: Path) -> list[str]:
     """For `pipeline run`'s report: when the run holds the base model's eval beside the fine-tuned one's, write
     runs/<name>/compare.{md,png,json} (labels base, fine-tuned) and return the report's paired lines."""
@@ -302,9 +306,7 @@ def run_comparison(run_dir: Path) -> list[str]:
              "| task | metric | n | change | 95% interval | only base / only fine-tuned | McNemar p |",
              "|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
-        lo, hi = p["ci95"]
-        lines.append(f"| {p['task']} | {p['metric']} | {p['n']} | {100 * p['diff']:+.2f} pts | "
-                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {p['only_a']} / {p['only_b']} | {p['mcnemar_p']:.3g} |")
+        lines.append(f"| {p['task']} | {p['metric']} | {p['n']} | {_paired_cells(p)} |")
     if not result["pairs"]:
         lines.append("| (no problem graded in both evals: samples.jsonl missing or the problems differ) |" + " |" * 6)
     return lines + ["", f"{result['method']['interval']}; {result['method']['test']}. Details: compare.md "

@@ -1,4 +1,3 @@
-import json
 import os
 import sys
 from pathlib import Path
@@ -113,10 +112,4 @@ def tiny_setup(tmp_path_factory):
     """A tiny Llama with its tokenizer (root/model) and 48 GSM8K-style rows (root/gsm8k.jsonl), one per test module."""
     import helpers
 
-    root = tmp_path_factory.mktemp("tiny")
-    helpers.tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    helpers.tiny_tokenizer(root / "model")
-    with open(root / "gsm8k.jsonl", "w") as f:
-        for row in helpers.gsm8k_rows():
-            f.write(json.dumps(row) + "\n")
-    return root
+    return helpers.tiny_run_root(tmp_path_factory.mktemp("tiny"))

@@ -112,6 +112,15 @@ def gsm8k_rows(n=48):
     return rows
 
 
+def tiny_run_root(root, n_rows=48):
+    """root/model (a tiny Llama and its tokenizer) and root/gsm8k.jsonl (n_rows GSM8K-style rows): what
+    write_recipe points a recipe at."""
+    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
+    tiny_tokenizer(root / "model")
+    write_jsonl(root / "gsm8k.jsonl", gsm8k_rows(n_rows))
+    return root
+
+
 def write_recipe(root, name, tmp_path, **changes):
     recipe = yaml.safe_load((ROOT / "recipes/smollm2-135m/edora-gsm8k-cpu.yaml").read_text())
     recipe.update(name=name, output_dir=str(tmp_path / "runs"))

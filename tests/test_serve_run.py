@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from helpers import gsm8k_rows, tiny_llama, tiny_tokenizer, write_recipe
+from helpers import tiny_llama, tiny_run_root, write_recipe
 
 from pipeline.cli import main as cli_main
 
@@ -54,12 +54,7 @@ def test_serve_names_a_dependency_missing_from_vllms_environment(tmp_path, capsy
 
 
 def test_run_trains_merges_evaluates_and_reports(tmp_path):
-    root = tmp_path / "setup"
-    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    tiny_tokenizer(root / "model")
-    with open(root / "gsm8k.jsonl", "w") as f:
-        for row in gsm8k_rows(24):
-            f.write(json.dumps(row) + "\n")
+    root = tiny_run_root(tmp_path / "setup", 24)
     recipe = write_recipe(root, "e2e", tmp_path, training={"max_steps": 3})
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
                      "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}", "--baseline",
@@ -90,10 +85,7 @@ def test_run_trains_merges_evaluates_and_reports(tmp_path):
 
 
 def test_run_checks_the_eval_inputs_before_training(tmp_path, capsys):
-    root = tmp_path / "setup"
-    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    tiny_tokenizer(root / "model")
-    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(8)))
+    root = tiny_run_root(tmp_path / "setup", 8)
     bad = root / "bad.jsonl"
     bad.write_text(json.dumps({"question": "no answer field"}) + "\n")
     recipe = write_recipe(root, "pre", tmp_path)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from helpers import gsm8k_rows, tiny_llama, tiny_tokenizer, write_recipe
+from helpers import tiny_run_root, write_recipe
 from tests_paths import ROOT
 
 from pipeline import trackers
@@ -85,12 +85,7 @@ def test_wandb_offline_run_gets_training_and_eval_metrics(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_PROJECT", "edora-test")
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    root = tmp_path / "setup"
-    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    tiny_tokenizer(root / "model")
-    with open(root / "gsm8k.jsonl", "w") as f:
-        for row in gsm8k_rows(24):
-            f.write(json.dumps(row) + "\n")
+    root = tiny_run_root(tmp_path / "setup", 24)
     recipe = write_recipe(root, "wb", tmp_path, training={"max_steps": 3, "report_to": ["wandb", "tensorboard"]})
     assert cli_main(["run", str(recipe), "--backend", "hf", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
                      "--merge-dtype", "float32", "--data-file", f"gsm8k={root / 'gsm8k.jsonl'}"]) == 0
@@ -141,12 +136,7 @@ def test_mlflow_and_trackio_runs_get_training_and_eval_metrics(tmp_path):
 
     pytest.importorskip("mlflow")
     pytest.importorskip("trackio")
-    root = tmp_path / "setup"
-    tiny_llama(seed=0, vocab=300).save_pretrained(root / "model")
-    tiny_tokenizer(root / "model")
-    with open(root / "gsm8k.jsonl", "w") as f:
-        for row in gsm8k_rows(24):
-            f.write(json.dumps(row) + "\n")
+    root = tiny_run_root(tmp_path / "setup", 24)
     recipe = write_recipe(root, "mt", tmp_path, training={"max_steps": 3, "report_to": ["mlflow", "trackio"]})
     cwd = tmp_path / "cwd"
     cwd.mkdir()  # nothing may land in the working directory (MLflow's default ./mlruns)
